@@ -69,12 +69,19 @@ class Step1XEdit(nn.Module):
         mask: Tensor,
         pe: Tensor | None = None,
     ) -> Tensor:
-        if img.ndim != 3 or llm_embedding.ndim != 3:
-            raise ValueError(
-                f"img and llm_embedding must be (batch, tokens, channels); got {tuple(img.shape)} and "
-                f"{tuple(llm_embedding.shape)}"
-            )
+        """The official forward: connector on (llm_embedding, t_vec, mask), then the transformer."""
+        if llm_embedding.ndim != 3:
+            raise ValueError(f"llm_embedding must be (batch, tokens, channels); got {tuple(llm_embedding.shape)}")
         txt, y = self.connector(llm_embedding, t_vec, mask)
+        return self.transformer(img, img_ids, txt_ids, timesteps, txt, y, pe)
+
+    def transformer(
+        self, img: Tensor, img_ids: Tensor, txt_ids: Tensor, timesteps: Tensor, txt: Tensor, y: Tensor,
+        pe: Tensor | None = None,
+    ) -> Tensor:
+        """Everything after the connector: ``txt`` are its tokens, ``y`` its pooled vector."""
+        if img.ndim != 3 or txt.ndim != 3:
+            raise ValueError(f"img and txt must be (batch, tokens, channels); got {tuple(img.shape)}, {tuple(txt.shape)}")
         img = self.img_in(img)
         vec = self.time_in(timestep_embedding(timesteps, 256, time_factor=1000.0).to(timesteps))
         vec = vec + self.vector_in(y)
