@@ -205,6 +205,17 @@ def storage_dtype(key: str, stored: torch.dtype, compute: torch.dtype, weight: t
     return compute
 
 
+def cast_model(model: torch.nn.Module, compute_dtype: torch.dtype, weight_dtype: str = "default") -> torch.nn.Module:
+    """Apply the storage policy of :func:`load_dit` to a model already in memory, in place."""
+    weight = weight_dtype_for(weight_dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            target = storage_dtype(name, param.dtype, compute_dtype, weight)
+            if param.dtype != target:
+                param.data = param.data.to(target)
+    return model
+
+
 # --------------------------------------------------------------------------------------------- loading
 
 
