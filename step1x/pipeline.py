@@ -18,8 +18,9 @@ from .autoencoder import AutoEncoder
 from .configs import T2I_NEGATIVE_PROMPT
 from .geometry import check_dims, resize_to_size_level, restore_size
 from .image_io import pil_to_tensor, tensor_to_pil
-from .loading import load_dit, load_vae
+from .loading import inspect_dit, load_dit, load_vae
 from .model import Step1XEdit
+from .model_files import ModelFilesError, resolve_models
 from .sampling import StepInfo, TextConditioning, autocast_for, denoise, make_noise
 
 log = logging.getLogger(__name__)
@@ -117,9 +118,26 @@ class Step1XPipeline:
                                  dtype=mllm_dtype or compute_dtype)
         return cls(model, ae, text, device=device, compute_dtype=compute_dtype, offload=offload)
 
+    @classmethod
+    def from_folder(cls, folder: str | Path | None = None, *, version: str | None = None,
+                    dit: str | Path | None = None, vae: str | Path | None = None, mllm: str | Path | None = None,
+                    tokenizer_dir: str | Path | None = None, **kwargs) -> "Step1XPipeline":
+        """Load from a models folder in the standalone or ComfyUI layout (see :mod:`step1x.model_files`);
+        any of the three paths may be given instead. Other arguments are those of :meth:`from_files`."""
+        paths = resolve_models(folder, version=version, dit=dit, vae=vae, mllm=mllm, tokenizer=tokenizer_dir)
+        found = inspect_dit(paths.dit).version
+        if version is not None and found != version:
+            raise ModelFilesError(f"{paths.dit.name} is Step1X-Edit {found}, but version {version} was asked for")
+        return cls.from_files(paths.dit, paths.vae, paths.mllm, tokenizer_dir=paths.tokenizer, **kwargs)
+
     @property
     def version(self) -> str:
         return self.dit.version
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """The devices the models compute on (for memory reports)."""
+        return list(dict.fromkeys([self.device, torch.device(self.encoder.device)]))
 
     # ------------------------------------------------------------------------------------------ stages
 
