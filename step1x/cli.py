@@ -1,0 +1,148 @@
+"""Command line: ``python -m step1x {edit,selftest,download}`` (also installed as ``step1x-edit``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .loading import WEIGHT_DTYPES
+
+DTYPE_CHOICES = ("bf16", "fp16", "fp32")
+
+
+def _edit_parser(sub) -> None:
+    p = sub.add_parser(
+        "edit", help="edit images (one, or a folder with a prompts JSON) or generate from text",
+        description="Edit one image (IMAGE --prompt TEXT) or a folder (--input-dir DIR --prompts FILE.json, the "
+                    'official format {"image name": "instruction"}), or generate from text (--t2i). Results are '
+                    "written to --output-dir under the input's file name.",
+    )
+    p.add_argument("image", nargs="?", help="image to edit")
+    p.add_argument("-p", "--prompt", help="the editing instruction (or the text-to-image prompt)")
+    p.add_argument("--input-dir", help="folder of images named in --prompts")
+    p.add_argument("--prompts", help='JSON file {"image name": "instruction", ...}')
+    p.add_argument("-o", "--output-dir", required=True, help="folder for the results (created if needed)")
+    p.add_argument("--format", choices=("png", "jpg", "webp"), help="output format (default: the input's)")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into the input folder")
+    p.add_argument("--skip-existing", action="store_true", help="skip images whose output already exists")
+    p.add_argument("--t2i", action="store_true", help="text-to-image (v1.1): no input image")
+    p.add_argument("--width", type=int, default=1024, help="text-to-image width, multiple of 16 (1024)")
+    p.add_argument("--height", type=int, default=1024, help="text-to-image height, multiple of 16 (1024)")
+
+    m = p.add_argument_group("models")
+    m.add_argument("--models", help="folder with the model files (standalone or ComfyUI layout)")
+    m.add_argument("--dit", help="Step1X-Edit DiT .safetensors (overrides --models)")
+    m.add_argument("--vae", help="VAE .safetensors (overrides --models)")
+    m.add_argument("--mllm", help="Qwen2.5-VL-7B-Instruct folder or ComfyUI text encoder file")
+    m.add_argument("--tokenizer", help="Qwen2.5 tokenizer folder, when --mllm is a single file")
+    m.add_argument("--version", choices=("v1.0", "v1.1"), help="which DiT to pick from --models (default: v1.1 "
+                   "if present); the version of the file itself is detected")
+
+    s = p.add_argument_group("sampling")
+    s.add_argument("--steps", type=int, default=28)
+    s.add_argument("--cfg", type=float, default=6.0, help="guidance scale (6.0)")
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--size-level", type=int, default=512, help="edit at about this many pixels squared (512)")
+    s.add_argument("--negative-prompt", help='default: "" for edits, the official negative prompt for --t2i')
+    s.add_argument("--renorm-threshold", type=float, default=0.93,
+                   help="renormalise the guidance while t is above this (0.93; 1.0 turns it off)")
+    s.add_argument("--strength", type=float, default=1.0, help="img2img strength: below 1 starts from the input")
+    s.add_argument("--resize-filter", choices=("lanczos", "bicubic", "bilinear", "nearest"), default="lanczos")
+    s.add_argument("--no-restore-size", action="store_true", help="keep the working size instead of the input's")
+    s.add_argument("--sequential-cfg", action="store_true", help="run the two guidance passes one after the other")
+
+    h = p.add_argument_group("hardware")
+    h.add_argument("--device", default="auto", help="device for the DiT and VAE: auto, cuda, cuda:1, cpu, mps")
+    h.add_argument("--mllm-device", help="device for the MLLM (default: same as --device)")
+    h.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help="compute dtype (bf16)")
+    h.add_argument("--mllm-dtype", choices=DTYPE_CHOICES, help="MLLM dtype (default: --dtype)")
+    h.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="default",
+                   help="storage of the DiT block weights; fp8_e4m3fn halves their memory")
+    h.add_argument("--attention", default="auto", help="attention backend: auto, sdpa, flash, xformers")
+    h.add_argument("--offload", action="store_true", help="keep each model on the CPU until its stage runs")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _selftest_parser(sub) -> None:
+    p = sub.add_parser("selftest", help="check the install with tiny random models (offline, CPU, seconds)",
+                       description="Build tiny random models and run a full edit through the real loaders and "
+                                   "sampler. Needs no download and no GPU.")
+    p.add_argument("--tokenizer", help="folder with the real Qwen2.5 tokenizer files (optional)")
+    p.add_argument("--keep", help="build in this folder and keep the models and the image")
+    p.add_argument("--output", help="also copy the result image to this file")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps")
+
+
+def _download_parser(sub) -> None:
+    p = sub.add_parser("download", help="fetch the official weights from Hugging Face",
+                       description="Download the Step1X-Edit DiT, its VAE and Qwen2.5-VL-7B-Instruct into ComfyUI's "
+                                   "model folders (--comfyui) or one folder (--dest). Resumable: run it again after "
+                                   "an interruption.")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--comfyui", help="ComfyUI folder: files go to models/diffusion_models, models/vae, "
+                                         "models/text_encoders")
+    where.add_argument("--dest", help="one folder in the official layout (for --models)")
+    p.add_argument("--version", choices=("v1.1", "v1.0", "all"), default="v1.1", help="which DiT (v1.1)")
+    p.add_argument("--skip-mllm", action="store_true",
+                   help="leave out Qwen2.5-VL-7B-Instruct (e.g. when ComfyUI already has qwen_2.5_vl_7b)")
+    p.add_argument("--plan", action="store_true", help="only show where each file would go")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="step1x", description="Step1X-Edit without the UI.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{edit,selftest,download}")
+    _edit_parser(sub)
+    _selftest_parser(sub)
+    _download_parser(sub)
+    return parser
+
+
+def _selftest(args) -> int:
+    from .selftest import run_selftest
+
+    result = run_selftest(tokenizer=args.tokenizer, keep=args.keep, output=args.output, device=args.device,
+                          say=lambda text: print(text, flush=True))
+    print(result.report())
+    return 0 if result.ok else 1
+
+
+def _download(args) -> int:
+    from .download import DownloadError, HubUnavailable, describe_plan, download, manual_instructions, plan_download
+
+    versions = ("v1.1", "v1.0") if args.version == "all" else (args.version,)
+    try:
+        plan = plan_download(comfyui=args.comfyui, dest=args.dest, versions=versions, mllm=not args.skip_mllm)
+    except DownloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.plan:
+        print(describe_plan(plan))
+        return 0
+    try:
+        download(plan)
+    except HubUnavailable as exc:
+        print(manual_instructions(plan, str(exc)), file=sys.stderr)
+        return 1
+    except DownloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    print(f"all files in place under {plan.root}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "edit":
+        from .edit_command import run_edit
+
+        return run_edit(args)
+    if args.command == "selftest":
+        return _selftest(args)
+    return _download(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
