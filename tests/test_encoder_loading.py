@@ -17,13 +17,23 @@ from step1x.encoder.fp8 import Fp8Linear
 from step1x.encoder.identify import infer_config
 from step1x.encoder.spec import QWEN25_VL_7B, make_config
 from step1x.encoder.tiny import TINY_QWEN25_VL
-from tiny_qwen import load_tiny, seeded_image, tiny_assets, tiny_encoder  # noqa: F401  (fixtures)
+from tiny_qwen import load_tiny, seeded_image, session_assets, session_encoder
 
 PROMPT = 'Change the sign to "OPEN" and make it glow!'
 FP8_COSINE_MIN = 0.97
 FP8_COSINE_MEAN = 0.99
 """Per-token cosine similarity of fp8_scaled (per-tensor e4m3 scales) vs float32 embeddings of the tiny model:
 worst token and mean over the kept tokens."""
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory, qwen_tokenizer_dir):
+    return session_assets(tmp_path_factory, qwen_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tiny_assets):
+    return session_encoder(tiny_assets)
 
 
 @pytest.fixture(scope="module")
@@ -117,14 +127,15 @@ def test_recognises_the_7b_from_shapes_alone():
 
 
 def test_tiny_file_without_config_is_named_as_not_the_7b(tiny_assets):
-    with pytest.raises(CheckpointError, match=r"qwen_2\.5_vl_tiny\.safetensors.*not Qwen2\.5-VL-7B-Instruct.*hidden 64"):
+    expected = r"qwen_2\.5_vl_tiny\.safetensors.*not Qwen2\.5-VL-7B-Instruct.*hidden 64"
+    with pytest.raises(CheckpointError, match=expected):
         load_text_encoder(tiny_assets.single_file, tokenizer_dir=tiny_assets.tokenizer_dir)
 
 
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda s: {"encoder.block.0.layer.0.SelfAttention.k.weight": torch.zeros(4, 4)}, "holds no Qwen2.5 language model"),
+        (lambda s: {"encoder.block.0.layer.0.SelfAttention.k.weight": torch.zeros(4, 4)}, "no Qwen2.5 language model"),
         (lambda s: {k: v for k, v in s.items() if not k.startswith("visual.")}, "text-only Qwen2.5"),
         (lambda s: {**s, "visual.blocks.0.mlp.fc1.weight": torch.zeros(4, 4)}, "Qwen2-VL model"),
         (lambda s: {k: v for k, v in s.items() if not k.endswith("q_proj.bias")}, "without attention biases"),

@@ -99,12 +99,21 @@ def load_tiny(path: Path, assets: TinyAssets, **kwargs):
     return load_text_encoder(path, **kwargs)
 
 
-@pytest.fixture(scope="session")
-def tiny_assets(tmp_path_factory, qwen_tokenizer_dir) -> TinyAssets:
-    return build_assets(tmp_path_factory.mktemp("tiny_qwen"), qwen_tokenizer_dir)
+_ASSETS: dict[str, TinyAssets] = {}
+_ENCODERS: dict[str, object] = {}
 
 
-@pytest.fixture(scope="session")
-def tiny_encoder(tiny_assets):
-    """The tiny model loaded from its HF folder in float32."""
-    return load_tiny(tiny_assets.folder, tiny_assets)
+def session_assets(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> TinyAssets:
+    """The tiny assets, built once per test session."""
+    key = str(tokenizer_dir)
+    if key not in _ASSETS:
+        _ASSETS[key] = build_assets(tmp_path_factory.mktemp("tiny_qwen"), tokenizer_dir)
+    return _ASSETS[key]
+
+
+def session_encoder(assets: TinyAssets):
+    """The tiny model loaded from its HF folder in float32, once per test session."""
+    key = str(assets.folder)
+    if key not in _ENCODERS:
+        _ENCODERS[key] = load_tiny(assets.folder, assets)
+    return _ENCODERS[key]

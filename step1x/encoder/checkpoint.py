@@ -21,21 +21,6 @@ FP8_MARKER = "scaled_fp8"
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 IGNORED_SUFFIXES = (".scale_input", ".input_scale", ".inv_freq")
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
-    "F8_E5M2": getattr(torch, "float8_e5m2", None),
-}
-
 
 class CheckpointError(ValueError):
     """A model path that is missing, unreadable or not a Qwen2.5-VL checkpoint."""
@@ -79,13 +64,6 @@ class Checkpoint:
 
 def is_fp8(dtype_name: str) -> bool:
     return dtype_name.startswith("F8")
-
-
-def torch_dtype(dtype_name: str) -> torch.dtype:
-    dtype = SAFETENSORS_DTYPES.get(dtype_name)
-    if dtype is None:
-        raise CheckpointError(f"tensor dtype {dtype_name} is not supported by this PyTorch build")
-    return dtype
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -40,7 +40,7 @@ class TextEncoder:
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
-    def to(self, device: torch.device | str) -> "TextEncoder":
+    def to(self, device: torch.device | str) -> TextEncoder:
         self.model.to(torch.device(device))
         return self
 
@@ -78,7 +78,8 @@ class TextEncoder:
         images, prompts = _pair_up(images, prompts)
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
-        batch = [self.inputs(image, prompt, max_length=max_length) for image, prompt in zip(images, prompts)]
+        pairs = zip(images, prompts, strict=True)
+        batch = [self.inputs(image, prompt, max_length=max_length) for image, prompt in pairs]
         device = self.device
         embedding = torch.zeros(len(batch), max_length, self.hidden_size, dtype=out_dtype, device=device)
         mask = torch.zeros(len(batch), max_length, dtype=torch.long, device=device)
@@ -122,5 +123,7 @@ def _pair_up(images, prompts) -> tuple[list[Image.Image], list[str]]:
     if len(images) == 1:
         images = images * len(prompts)
     if len(images) != len(prompts):
-        raise ValueError(f"got {len(images)} images for {len(prompts)} instructions; pass one image or one per instruction")
+        raise ValueError(
+            f"got {len(images)} images for {len(prompts)} instructions; pass one image or one per instruction"
+        )
     return images, prompts

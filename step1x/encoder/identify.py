@@ -71,7 +71,8 @@ def read_shapes(ckpt: Checkpoint) -> Shapes:
         )
     if LAYER0 + "self_attn.q_proj.bias" not in ckpt.entries:
         raise CheckpointError(
-            f"{ckpt.path} is a language model without attention biases (a Llama/Mistral-style model), not Qwen2.5-VL. {FIX}"
+            f"{ckpt.path} is a language model without attention biases (a Llama/Mistral-style model), "
+            f"not Qwen2.5-VL. {FIX}"
         )
     if QWEN2_VL_MLP in ckpt.entries:
         raise CheckpointError(f"{ckpt.path} is a Qwen2-VL model; Step1X-Edit needs Qwen2.5-VL-7B-Instruct. {FIX}")

@@ -16,13 +16,14 @@ from .spec import make_config, read_config_json
 from .tokens import TokenizerError, has_tokenizer_files, load_tokenizer
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+CPU = torch.device("cpu")
 
 
 def load_text_encoder(
     path: str | os.PathLike,
     *,
     tokenizer_dir: str | os.PathLike | None = None,
-    device: torch.device | str = torch.device("cpu"),
+    device: torch.device | str = CPU,
     dtype: torch.dtype = torch.bfloat16,
     config: dict | str | os.PathLike | None = None,
     keep_fp8: bool = False,

@@ -22,7 +22,7 @@ def mrope_positions(
     """Positions [3, L] for one sequence ``input_ids`` [L] holding the images of ``image_grid_thw`` [n, 3]."""
     ids = input_ids.tolist()
     keep = attention_mask.bool()
-    live = [tok for tok, on in zip(ids, keep.tolist()) if on]
+    live = [tok for tok, on in zip(ids, keep.tolist(), strict=True) if on]
     image_starts = [i for i in range(len(live) - 1) if live[i] == VISION_START_ID and live[i + 1] == IMAGE_PAD_ID]
     if len(image_starts) > len(image_grid_thw):
         raise ValueError(
