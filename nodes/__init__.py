@@ -1,0 +1,25 @@
+"""The Step1X-Edit node set. One table gives each node its id (the ``class_type`` saved in workflows) and
+its display name."""
+
+from .conditioning import Connector, InstructionEncode
+from .image import Resize, RestoreSize, VaeDecode, VaeEncode
+from .loaders import DiTLoader, MllmLoader, VaeLoader
+from .sampler import Sampler
+
+NODE_CONFIG = {
+    "Step1XEditDiTLoader": {"class": DiTLoader, "name": "Step1X-Edit DiT Loader"},
+    "Step1XEditMLLMLoader": {"class": MllmLoader, "name": "Step1X-Edit MLLM Loader"},
+    "Step1XEditVAELoader": {"class": VaeLoader, "name": "Step1X-Edit VAE Loader"},
+    "Step1XEditInstructionEncode": {"class": InstructionEncode, "name": "Step1X-Edit Instruction Encode"},
+    "Step1XEditConnector": {"class": Connector, "name": "Step1X-Edit Connector"},
+    "Step1XEditSampler": {"class": Sampler, "name": "Step1X-Edit Sampler"},
+    "Step1XEditVAEDecode": {"class": VaeDecode, "name": "Step1X-Edit VAE Decode"},
+    "Step1XEditVAEEncode": {"class": VaeEncode, "name": "Step1X-Edit VAE Encode"},
+    "Step1XEditResize": {"class": Resize, "name": "Step1X-Edit Resize (size_level)"},
+    "Step1XEditRestoreSize": {"class": RestoreSize, "name": "Step1X-Edit Restore Original Size"},
+}
+
+NODE_CLASS_MAPPINGS = {node_id: entry["class"] for node_id, entry in NODE_CONFIG.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: entry["name"] for node_id, entry in NODE_CONFIG.items()}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_CONFIG", "NODE_DISPLAY_NAME_MAPPINGS"]

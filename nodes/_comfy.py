@@ -1,0 +1,260 @@
+"""The only module that talks to ComfyUI: devices, model management, model folders, progress, latent
+previews and Cancel. Outside ComfyUI (plain Python, pytest) a headless stand-in answers the same calls:
+the main device is CUDA when present else the CPU, models stay where they are loaded, progress goes to
+an optional hook, and model folders come from ``STEP1X_MODELS_DIR`` or :func:`register_model_folder`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+try:  # inside ComfyUI
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.ops
+    import comfy.utils
+    import folder_paths
+except ImportError:  # headless
+    mm = None
+
+IN_COMFYUI = mm is not None
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+log = logging.getLogger("step1x_edit")
+
+
+class Interrupted(RuntimeError):
+    """Headless stand-in for ComfyUI's interrupt: raised between steps after :func:`request_interrupt`."""
+
+
+# --------------------------------------------------------------------------------------------- devices
+
+
+def main_device() -> torch.device:
+    if IN_COMFYUI:
+        return mm.get_torch_device()
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def intermediate_device() -> torch.device:
+    """Where tensors passed between nodes live (CPU), so cached outputs hold no GPU memory."""
+    return mm.intermediate_device() if IN_COMFYUI else torch.device("cpu")
+
+
+def dit_devices() -> tuple[torch.device, torch.device]:
+    """(load, offload) devices of the DiT."""
+    if IN_COMFYUI:
+        return mm.get_torch_device(), mm.unet_offload_device()
+    return main_device(), torch.device("cpu")
+
+
+def vae_devices() -> tuple[torch.device, torch.device]:
+    if IN_COMFYUI:
+        return mm.vae_device(), mm.vae_offload_device()
+    return main_device(), torch.device("cpu")
+
+
+TEXT_ENCODER_DEVICES = ("default", "main_gpu", "other_gpu", "cpu")
+
+
+def text_encoder_devices(choice: str) -> tuple[torch.device, torch.device]:
+    """(load, offload) devices of the MLLM. "default" follows ComfyUI's rule for text encoders (the GPU
+    with enough VRAM, the CPU under --lowvram/--novram/--cpu)."""
+    offload = mm.text_encoder_offload_device() if IN_COMFYUI else torch.device("cpu")
+    if choice == "default":
+        return (mm.text_encoder_device() if IN_COMFYUI else main_device()), offload
+    if choice == "cpu":
+        return torch.device("cpu"), offload
+    main = main_device()
+    if choice == "main_gpu":
+        return main, offload
+    if choice == "other_gpu":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        main_index = (main.index or 0) if main.type == "cuda" else -1
+        others = [i for i in range(count) if i != main_index]
+        if not others:
+            raise ValueError(
+                f"device 'other_gpu' needs a second CUDA GPU, but {count} is visible; choose main_gpu, default or cpu"
+            )
+        return torch.device("cuda", others[0]), offload
+    raise ValueError(f"unknown device {choice!r}; choose one of {list(TEXT_ENCODER_DEVICES)}")
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where the device runs it well (as the official code), else float32."""
+    if IN_COMFYUI:
+        return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def operations():
+    """Layer classes for the models: ComfyUI's casting ops inside ComfyUI (so --lowvram can keep part of
+    the weights on the CPU and stream them), the library default otherwise."""
+    if IN_COMFYUI:
+        return comfy.ops.manual_cast
+    from ..step1x.ops import CastOps
+
+    return CastOps
+
+
+# ------------------------------------------------------------------------------------ model management
+
+
+class HeadlessPatcher:
+    """What the nodes use of ComfyUI's ModelPatcher: the module and its devices."""
+
+    def __init__(self, model: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
+        self.model, self.load_device, self.offload_device = model, load_device, offload_device
+
+    def model_size(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+
+
+def manage(model: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
+    """Register ``model`` with ComfyUI's model management (a ModelPatcher)."""
+    if IN_COMFYUI:
+        return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    return HeadlessPatcher(model, load_device, offload_device)
+
+
+def load(patchers: list, memory_required: int = 0, full: bool = False) -> None:
+    """Make room and load ``patchers`` onto their load devices (ComfyUI may load only part of a model
+    built from its casting ops; ``full`` forbids that for models that are not)."""
+    if IN_COMFYUI:
+        mm.load_models_gpu(patchers, memory_required=memory_required, force_full_load=full)
+        return
+    for patcher in patchers:
+        patcher.model.to(patcher.load_device)
+
+
+# ----------------------------------------------------------------------------------------- model files
+
+_HEADLESS_FOLDERS: dict[str, list[Path]] = {}
+FOLDER_ALIASES = {"diffusion_models": ("diffusion_models", "unet"), "text_encoders": ("text_encoders", "clip"),
+                  "vae": ("vae",)}
+
+
+def register_model_folder(kind: str, path: str | os.PathLike) -> None:
+    """Headless: add a folder to search for models of ``kind`` ("diffusion_models", "vae", "text_encoders")."""
+    if IN_COMFYUI:
+        folder_paths.add_model_folder_path(kind, str(path))
+        return
+    folders = _HEADLESS_FOLDERS.setdefault(kind, [])
+    if Path(path) not in folders:
+        folders.append(Path(path))
+
+
+def clear_model_folders() -> None:
+    _HEADLESS_FOLDERS.clear()
+
+
+def model_folders(kind: str) -> list[Path]:
+    if IN_COMFYUI:
+        return [Path(p) for p in folder_paths.get_folder_paths(kind)]
+    folders = list(_HEADLESS_FOLDERS.get(kind, []))
+    root = os.environ.get("STEP1X_MODELS_DIR")
+    if root:
+        folders += [Path(root) / sub for sub in FOLDER_ALIASES.get(kind, (kind,))]
+    return folders
+
+
+def model_files(kind: str) -> list[str]:
+    """Model files of ``kind``, relative to their folder, for a loader's dropdown."""
+    if IN_COMFYUI:
+        return folder_paths.get_filename_list(kind)
+    names = set()
+    for folder in model_folders(kind):
+        if folder.is_dir():
+            names.update(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                         if p.is_file() and p.suffix.lower() in MODEL_EXTENSIONS)
+    return sorted(names)
+
+
+def model_path(kind: str, name: str) -> Path:
+    """Full path of ``name`` in the ``kind`` folders; an error that says where to put it otherwise."""
+    for folder in model_folders(kind):
+        candidate = folder / name
+        if candidate.exists():
+            return candidate
+    where = ", ".join(str(f) for f in model_folders(kind)) or f"models/{kind} (no folder is configured)"
+    raise FileNotFoundError(f"model '{name}' not found in the {kind} folders ({where}). Put the file there and "
+                            "refresh the list (press R in ComfyUI), or pick another file.")
+
+
+def hf_folders(kind: str) -> list[str]:
+    """Sub-folders holding a Hugging Face model (a config.json), relative to the ``kind`` folders."""
+    names = set()
+    for folder in model_folders(kind):
+        if folder.is_dir():
+            names.update(p.parent.relative_to(folder).as_posix() for p in folder.rglob("config.json")
+                         if p.parent != folder)
+    return sorted(names)
+
+
+def default_tokenizer_dir() -> Path | None:
+    """The Qwen2.5 tokenizer to use for single-file MLLMs: the copy ComfyUI ships (for Qwen-Image), else
+    ``STEP1X_QWEN_TOKENIZER``."""
+    if IN_COMFYUI:
+        path = Path(comfy.utils.__file__).parent / "text_encoders" / "qwen25_tokenizer"
+        if path.is_dir():
+            return path
+    value = os.environ.get("STEP1X_QWEN_TOKENIZER")
+    return Path(value) if value else None
+
+
+# ------------------------------------------------------------------------------ progress and interrupt
+
+_progress_hook: Callable[[int, int, object], None] | None = None
+_interrupt_requested = False
+
+
+def set_progress_hook(hook: Callable[[int, int, object], None] | None) -> None:
+    """Headless: receive ``(step, total, preview)`` after every sampling step."""
+    global _progress_hook
+    _progress_hook = hook
+
+
+def request_interrupt(value: bool = True) -> None:
+    """Headless: make the next step raise :class:`Interrupted` (ComfyUI's Cancel, outside ComfyUI)."""
+    global _interrupt_requested
+    _interrupt_requested = value
+
+
+def check_interrupt() -> None:
+    global _interrupt_requested
+    if IN_COMFYUI:
+        mm.throw_exception_if_processing_interrupted()
+    elif _interrupt_requested:
+        _interrupt_requested = False
+        raise Interrupted("sampling was cancelled")
+
+
+class Progress:
+    """Per-step progress bar, latent preview and Cancel check for the sampler's callback."""
+
+    def __init__(self, total: int, device: torch.device):
+        self.previewer = None
+        self.bar = None
+        if IN_COMFYUI:
+            import comfy.latent_formats
+            import latent_preview
+
+            self.previewer = latent_preview.get_previewer(device, comfy.latent_formats.Flux())
+            self.bar = comfy.utils.ProgressBar(total)
+
+    def __call__(self, info) -> None:
+        """``info``: a :class:`step1x.sampling.StepInfo` (``denoised`` is the model-space estimate)."""
+        check_interrupt()
+        if self.bar is not None:
+            preview = None
+            if self.previewer is not None:
+                preview = self.previewer.decode_latent_to_preview_image("JPEG", info.denoised)
+            self.bar.update_absolute(info.step + 1, info.total, preview)
+        elif _progress_hook is not None:
+            _progress_hook(info.step + 1, info.total, info.denoised)
