@@ -1,0 +1,174 @@
+"""The node classes through the headless bridge, on tiny model files: the whole graph on CPU, the latent
+convention, masks, batches, progress and Cancel, and what every node declares."""
+
+import importlib
+
+import pytest
+import torch
+from test_nodes_support import (  # noqa: F401  (pytest fixtures)
+    PACK_NAME, STEPS, bind, bridge, dit, fake_embeds, image, lib, load_pack, mllm, model_names, pack, run_node, sample,
+    vae,
+)
+
+
+# ------------------------------------------------------------------------------------------ declarations
+
+
+def test_one_table_feeds_both_mappings(pack):
+    nodes = importlib.import_module(f"{PACK_NAME}.nodes")
+    assert set(pack.NODE_CLASS_MAPPINGS) == set(nodes.NODE_CONFIG) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
+    assert len(pack.NODE_CLASS_MAPPINGS) == 10
+
+
+@pytest.mark.parametrize("node_id", sorted(load_pack().NODE_CLASS_MAPPINGS))
+def test_every_node_documents_itself(pack, model_names, node_id):
+    cls = pack.NODE_CLASS_MAPPINGS[node_id]
+    assert cls.CATEGORY == "Step1X-Edit"
+    assert len(cls.DESCRIPTION) > 40
+    assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
+    for section in cls.INPUT_TYPES().values():
+        for name, spec in section.items():
+            assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+    assert callable(getattr(cls, cls.FUNCTION))
+
+
+def test_dropdowns_list_the_users_files(pack, model_names):
+    types = lambda node_id: pack.NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()["required"]  # noqa: E731
+    assert model_names["dit"] in types("Step1XEditDiTLoader")["unet_name"][0]
+    assert model_names["vae"] in types("Step1XEditVAELoader")["vae_name"][0]
+    choices = types("Step1XEditMLLMLoader")["mllm_name"][0]
+    assert model_names["mllm"] in choices
+    assert not any(c.startswith(model_names["mllm"] + "/") for c in choices), "shards of a folder are not models"
+
+
+# ---------------------------------------------------------------------------------------------- graphs
+
+
+def test_whole_edit_graph_on_cpu_gives_an_image_at_the_original_size(pack, dit, vae, mllm):
+    original = image(100, 60)
+    embeds = run_node(pack, "Step1XEditInstructionEncode", mllm=mllm, instruction="make the sky purple",
+                      negative_prompt="", size_level=64, image=original)[0]
+    assert embeds.working_size == (80, 48)
+    assert embeds.cond.llm_embedding.shape == (1, 640, 64) and embeds.uncond.mask.shape == (1, 640)
+    latent = sample(pack, dit, bind(pack, dit, embeds), reference_image=original, vae=vae)
+    assert latent["samples"].shape == (1, 16, 6, 10)
+    edited = run_node(pack, "Step1XEditVAEDecode", vae=vae, samples=latent)[0]
+    assert edited.shape == (1, 48, 80, 3)
+    restored = run_node(pack, "Step1XEditRestoreSize", image=edited, original=original, resample="bicubic")[0]
+    assert restored.shape == original.shape
+    assert 0.0 <= float(restored.min()) and float(restored.max()) <= 1.0
+
+
+def test_text_to_image_uses_the_same_nodes(pack, dit, vae, mllm):
+    embeds = run_node(pack, "Step1XEditInstructionEncode", mllm=mllm, instruction="a red fox in snow",
+                      negative_prompt=lib("configs").T2I_NEGATIVE_PROMPT, size_level=512)[0]
+    assert embeds.text_to_image
+    empty = {"samples": torch.zeros(1, 16, 6, 8)}
+    latent = sample(pack, dit, bind(pack, dit, embeds), init_latent=empty)
+    assert run_node(pack, "Step1XEditVAEDecode", vae=vae, samples=latent)[0].shape == (1, 48, 64, 3)
+
+
+def test_sampler_is_the_library_sampler_and_returns_raw_latents(pack, dit):
+    embeds = fake_embeds(pack)
+    reference = torch.randn(1, 16, 6, 8)
+    latent = sample(pack, dit, bind(pack, dit, embeds), seed=7, reference_latent={"samples": reference})["samples"]
+    sampling = lib("sampling")
+    with torch.no_grad():
+        expected = sampling.denoise(
+            dit.model, sampling.make_noise((1, 16, 6, 8), 7), embeds.cond, embeds.uncond,
+            reference=lib("graph_io").latent_to_model_space(reference), steps=STEPS, cfg_scale=6.0,
+            renorm_threshold=0.93, compute_dtype=torch.float32,
+        )
+    scale, shift = lib("configs").FLUX_VAE.scale_factor, lib("configs").FLUX_VAE.shift_factor
+    torch.testing.assert_close(latent, expected / scale + shift, atol=1e-5, rtol=0)
+
+
+def test_reference_image_is_resized_to_the_working_size_of_the_instruction(pack, dit, vae):
+    latent = sample(pack, dit, bind(pack, dit, fake_embeds(pack, working=(64, 48))),
+                    reference_image=image(100, 75), vae=vae)
+    assert latent["samples"].shape == (1, 16, 6, 8)
+
+
+def test_a_comfyui_vae_object_works_in_place_of_ours(pack, dit, vae):
+    class ComfyLikeVAE:  # what comfy.sd.VAE offers the nodes: encode, decode, latent_channels
+        latent_channels, downscale_ratio = 16, 8
+        encode, decode = vae.encode, vae.decode
+
+    conditioning = bind(pack, dit, fake_embeds(pack))
+    ours = sample(pack, dit, conditioning, reference_image=image(64, 48), vae=vae)
+    theirs = sample(pack, dit, conditioning, reference_image=image(64, 48), vae=ComfyLikeVAE())
+    torch.testing.assert_close(ours["samples"], theirs["samples"])
+    decoded = run_node(pack, "Step1XEditVAEDecode", vae=ComfyLikeVAE(), samples=ours)[0]
+    assert decoded.shape == (1, 48, 64, 3)
+
+
+def test_our_vae_speaks_the_comfyui_vae_interface(vae):
+    pixels = image(70, 50)
+    raw = vae.encode(pixels)
+    assert raw.shape == (1, 16, 6, 8), "centre-cropped to multiples of 8, as ComfyUI's VAE"
+    with torch.no_grad():
+        mean = vae.autoencoder.encode_raw(pixels[:, 1:49, 3:67].movedim(-1, 1) * 2 - 1)
+    torch.testing.assert_close(raw, mean)
+    out = vae.decode(raw)
+    assert out.shape == (1, 48, 64, 3) and out.dtype == torch.float32
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+def test_outside_the_mask_the_result_keeps_the_reference(pack, dit):
+    reference = torch.randn(1, 16, 6, 8)
+    mask = torch.zeros(1, 48, 64)
+    mask[:, :, :32] = 1.0
+    latent = sample(pack, dit, bind(pack, dit, fake_embeds(pack)), reference_latent={"samples": reference},
+                    mask=mask)["samples"]
+    torch.testing.assert_close(latent[..., 4:], reference[..., 4:], atol=1e-5, rtol=0)
+    assert (latent[..., :4] - reference[..., :4]).abs().max() > 0.1
+
+
+def test_batch_size_gives_several_results_per_reference(pack, dit):
+    references = torch.randn(2, 16, 6, 8)
+    latent = sample(pack, dit, bind(pack, dit, fake_embeds(pack)), batch_size=2,
+                    reference_latent={"samples": references})["samples"]
+    assert latent.shape == (4, 16, 6, 8)
+    assert not torch.allclose(latent[0], latent[1]), "each result draws its own noise"
+
+
+def test_img2img_starts_from_the_init_latent(pack, dit):
+    reference, init = torch.randn(1, 16, 6, 8), torch.randn(1, 16, 6, 8)
+    conditioning = bind(pack, dit, fake_embeds(pack))
+    runs = [sample(pack, dit, conditioning, denoise=0.4, steps=5, reference_latent={"samples": reference},
+                   init_latent={"samples": start})["samples"] for start in (init, init, reference)]
+    torch.testing.assert_close(runs[0], runs[1])
+    assert not torch.allclose(runs[0], runs[2])
+
+
+def test_progress_reports_each_step_and_cancel_stops_between_steps(pack, dit, bridge):
+    seen = []
+
+    def hook(step, total, preview):
+        seen.append((step, total))
+        if step == 2:
+            bridge.request_interrupt()
+
+    bridge.set_progress_hook(hook)
+    try:
+        with pytest.raises(bridge.Interrupted):
+            sample(pack, dit, bind(pack, dit, fake_embeds(pack)), steps=6,
+                   reference_latent={"samples": torch.randn(1, 16, 6, 8)})
+    finally:
+        bridge.set_progress_hook(None)
+        bridge.request_interrupt(False)
+    assert seen == [(1, 6), (2, 6)]
+
+
+def test_resize_follows_the_official_size_level_geometry(pack):
+    resized, mask, width, height = run_node(pack, "Step1XEditResize", image=image(1024, 768), size_level=512,
+                                            resample="lanczos", mask=torch.ones(1, 768, 1024))
+    assert (width, height) == lib("geometry").size_level_dims(1024, 768, 512) == (592, 432)
+    assert resized.shape == (1, 432, 592, 3) and mask.shape == (1, 432, 592)
+
+
+def test_vae_encode_node_gives_a_latent_the_sampler_takes(pack, dit, vae):
+    latent = run_node(pack, "Step1XEditVAEEncode", vae=vae, image=image(64, 48))[0]
+    assert latent["samples"].shape == (1, 16, 6, 8)
+    out = sample(pack, dit, bind(pack, dit, fake_embeds(pack)), reference_latent=latent)
+    assert out["samples"].shape == (1, 16, 6, 8)

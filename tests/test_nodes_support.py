@@ -1,0 +1,149 @@
+"""Shared helpers for the node tests (no tests here): loading the pack the way ComfyUI does, and writing
+tiny model files in ComfyUI's folder layout."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK_NAME = "step1x_edit_pack"
+
+
+def load_pack():
+    """Import the repository root as a package, as ComfyUI imports a custom node folder."""
+    if PACK_NAME in sys.modules:
+        return sys.modules[PACK_NAME]
+    spec = importlib.util.spec_from_file_location(PACK_NAME, ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def tokenizer_for_tests(tmp: Path) -> Path:
+    """The real Qwen2.5 tokenizer when ``STEP1X_QWEN_TOKENIZER`` names one, else the library's stand-in
+    (written into ``tmp``), which tokenises the official template like the real one."""
+    value = os.environ.get("STEP1X_QWEN_TOKENIZER")
+    if value and Path(value).is_dir():
+        return Path(value)
+    return lib("tiny_tokenizer").write_tiny_tokenizer(tmp / "qwen25_tokenizer_stand_in")
+
+
+def lib(name: str):
+    """A module of the pack's own copy of the library (``step1x.<name>``)."""
+    load_pack()
+    return importlib.import_module(f"{PACK_NAME}.step1x.{name}")
+
+
+def write_tiny_models(root: Path, tokenizer: Path) -> dict[str, str]:
+    """ComfyUI-style models folder with tiny random models; returns the file names by role."""
+    from safetensors.torch import save_file
+
+    configs, loading, tiny, tiny_qwen = lib("configs"), lib("loading"), lib("tiny"), lib("encoder.tiny")
+    Step1XEdit, AutoEncoder = lib("model").Step1XEdit, lib("autoencoder").AutoEncoder
+    for sub in ("diffusion_models", "vae", "text_encoders"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    params = tiny.tiny_dit_params(tiny_qwen.TINY_QWEN25_VL["hidden_size"])
+    state = Step1XEdit(params).state_dict()
+    loading.save_with_config(state, root / "diffusion_models" / "step1x_tiny.safetensors", params)
+    narrow = tiny.tiny_dit_params(48)
+    loading.save_with_config(Step1XEdit(narrow).state_dict(), root / "diffusion_models" / "step1x_tiny_w48.safetensors",
+                             narrow)
+    flux = {k: v for k, v in state.items() if not k.startswith("connector.")}
+    flux["guidance_in.in_layer.weight"] = torch.zeros(64, 256)
+    save_file(flux, str(root / "diffusion_models" / "flux1-dev-tiny.safetensors"))
+    loading.save_with_config(AutoEncoder(configs.TINY_VAE).state_dict(), root / "vae" / "ae_tiny.safetensors",
+                             configs.TINY_VAE)
+    save_file({"encoder.conv_in.weight": torch.zeros(32, 3, 3, 3), "encoder.conv_out.weight": torch.zeros(8, 32, 3, 3),
+               "decoder.conv_in.weight": torch.zeros(32, 4, 3, 3)}, str(root / "vae" / "sdxl_vae.safetensors"))
+    tiny_qwen.build_tiny_qwen_folder(root / "text_encoders" / "tiny-qwen25-vl", tokenizer)
+    return {"dit": "step1x_tiny.safetensors", "dit_w48": "step1x_tiny_w48.safetensors",
+            "flux": "flux1-dev-tiny.safetensors", "vae": "ae_tiny.safetensors", "sdxl_vae": "sdxl_vae.safetensors",
+            "mllm": "tiny-qwen25-vl"}
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def pack():
+    return load_pack()
+
+
+@pytest.fixture(scope="session")
+def bridge(pack):
+    return importlib.import_module(f"{PACK_NAME}.nodes._comfy")
+
+
+@pytest.fixture(scope="session")
+def model_names(tmp_path_factory, bridge):
+    """Tiny model files in a models folder registered with the headless bridge."""
+    root = tmp_path_factory.mktemp("models")
+    names = write_tiny_models(root, tokenizer_for_tests(tmp_path_factory.mktemp("tokenizer")))
+    for kind in ("diffusion_models", "vae", "text_encoders"):
+        bridge.register_model_folder(kind, root / kind)
+    yield names
+    bridge.clear_model_folders()
+
+
+def run_node(pack, node_id: str, **inputs):
+    """Call a node the way ComfyUI's executor does: a fresh instance, its FUNCTION with keyword inputs."""
+    cls = pack.NODE_CLASS_MAPPINGS[node_id]
+    return getattr(cls(), cls.FUNCTION)(**inputs)
+
+
+@pytest.fixture(scope="session")
+def dit(pack, model_names):
+    return run_node(pack, "Step1XEditDiTLoader", unet_name=model_names["dit"], weight_dtype="default",
+                    attention="auto")[0]
+
+
+@pytest.fixture(scope="session")
+def vae(pack, model_names):
+    return run_node(pack, "Step1XEditVAELoader", vae_name=model_names["vae"])[0]
+
+
+@pytest.fixture(scope="session")
+def mllm(pack, model_names):
+    return run_node(pack, "Step1XEditMLLMLoader", mllm_name=model_names["mllm"], dtype="fp32", device="default")[0]
+
+
+def fake_embeds(pack, hidden: int = 64, working=(64, 48), batch: int = 1, length: int = 24, seed: int = 0):
+    """Instruction embeddings without running the MLLM (random, with the official mask layout)."""
+    sockets = importlib.import_module(f"{PACK_NAME}.nodes.sockets")
+    sampling = lib("sampling")
+    g = torch.Generator().manual_seed(seed)
+    sides = []
+    for valid in (17, 6):
+        emb = torch.zeros(batch, length, hidden)
+        emb[:, :valid] = torch.randn(batch, valid, hidden, generator=g)
+        mask = torch.zeros(batch, length, dtype=torch.long)
+        mask[:, :valid] = 1
+        sides.append(sampling.TextConditioning(emb.to(torch.bfloat16), mask))
+    return sockets.InstructionEmbeds(sides[0], sides[1], hidden, working, "random test embeddings")
+
+
+STEPS = 3
+
+
+def bind(pack, dit, embeds):
+    return run_node(pack, "Step1XEditConnector", model=dit, embeddings=embeds)[0]
+
+
+def sample(pack, dit, conditioning, seed=1, steps=STEPS, cfg=6.0, renorm_threshold=0.93, denoise=1.0, batch_size=1,
+           **optional):
+    return run_node(pack, "Step1XEditSampler", model=dit, conditioning=conditioning, seed=seed, steps=steps, cfg=cfg,
+                    renorm_threshold=renorm_threshold, denoise=denoise, batch_size=batch_size, **optional)[0]
+
+
+def image(width, height, batch=1, seed=0):
+    return torch.rand(batch, height, width, 3, generator=torch.Generator().manual_seed(seed))
