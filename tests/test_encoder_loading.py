@@ -108,9 +108,10 @@ def test_keep_fp8_stores_float8_and_matches_dequantised(tiny_assets, image):
     torch.testing.assert_close(_encode(kept, image).embedding, dequantized.embedding, atol=0, rtol=0)
 
 
-def test_bfloat16_load(tiny_assets, image, reference):
-    enc = load_tiny(tiny_assets.single_file, tiny_assets, dtype=torch.bfloat16)
-    assert all(p.dtype == torch.bfloat16 for p in enc.model.parameters())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_load(tiny_assets, image, reference, dtype):
+    enc = load_tiny(tiny_assets.single_file, tiny_assets, dtype=dtype)
+    assert all(p.dtype == dtype for p in enc.model.parameters())
     out = enc.encode([image], [PROMPT])
     assert out.embedding.dtype == torch.bfloat16
     torch.testing.assert_close(out.embedding.float(), reference.embedding, atol=0.1, rtol=0.05)

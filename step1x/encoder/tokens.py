@@ -109,11 +109,11 @@ def prompt_ids(tokenizer, instruction: str, num_image_tokens: int) -> list[int]:
 
 def check_placeholders(ids: list[int], num_image_tokens: int, instruction: str) -> None:
     """Raise when the instruction itself holds image or video placeholder tokens."""
-    counts = {tid: ids.count(tid) for tid in RESERVED_IN_INSTRUCTION}
-    extra = counts[IMAGE_PAD_ID] - num_image_tokens
-    found = [RESERVED_IN_INSTRUCTION[IMAGE_PAD_ID]] * (extra > 0) + [RESERVED_IN_INSTRUCTION[VIDEO_PAD_ID]] * (
-        counts[VIDEO_PAD_ID] > 0
-    )
+    found = []
+    if ids.count(IMAGE_PAD_ID) > num_image_tokens:
+        found.append(RESERVED_IN_INSTRUCTION[IMAGE_PAD_ID])
+    if VIDEO_PAD_ID in ids:
+        found.append(RESERVED_IN_INSTRUCTION[VIDEO_PAD_ID])
     if found:
         shown = instruction if len(instruction) <= 80 else instruction[:77] + "..."
         raise ValueError(
