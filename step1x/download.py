@@ -76,7 +76,8 @@ def plan_download(*, comfyui: str | os.PathLike | None = None, dest: str | os.Pa
                 f"{root} is not a ComfyUI folder (no models/ and comfy/ inside); give the ComfyUI folder, or use "
                 "--dest for a plain models folder"
             )
-        dirs, vae_name, layout = (models / "diffusion_models", models / "vae", models / "text_encoders"), COMFY_VAE_FILE, "comfyui"
+        dirs = (models / "diffusion_models", models / "vae", models / "text_encoders")
+        vae_name, layout = COMFY_VAE_FILE, "comfyui"
     else:
         root = Path(dest).expanduser()
         dirs, vae_name, layout = (root, root, root), VAE_FILE, "standalone"
@@ -138,6 +139,10 @@ def resolve_sizes(plan: DownloadPlan, client: HubClient) -> DownloadPlan:
 # ------------------------------------------------------------------------------------------ disk space
 
 
+def size_text(n: float) -> str:
+    return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{int(n)} bytes"
+
+
 def _existing_parent(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -158,8 +163,8 @@ def check_disk_space(plan: DownloadPlan, free_bytes=lambda p: shutil.disk_usage(
         free = free_bytes(folder)
         if total > free:
             raise DownloadError(
-                f"not enough disk space on {folder}: the download needs {total / GB:.1f} GB but only "
-                f"{free / GB:.1f} GB is free. Free {((total - free) / GB) + 0.1:.1f} GB or choose another folder."
+                f"not enough disk space on {folder}: the download needs {size_text(total)} but only "
+                f"{size_text(free)} is free. Free {size_text(total - free)} more or choose another folder."
             )
 
 
@@ -225,7 +230,7 @@ def download(plan: DownloadPlan, client: HubClient | None = None, *, say=print, 
     check_disk_space(plan, **({"free_bytes": free_bytes} if free_bytes else {}))
     todo = [f for f in plan.files if not f.complete]
     say(f"{len(plan.files) - len(todo)} of {len(plan.files)} files already present; fetching "
-        f"{sum(f.size or 0 for f in todo) / GB:.1f} GB")
+        f"{size_text(sum(f.size or 0 for f in todo))}")
     for i, f in enumerate(todo, 1):
         say(f"[{i}/{len(todo)}] {f.repo}/{f.filename} -> {f.target}")
         try:

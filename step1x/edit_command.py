@@ -13,7 +13,9 @@ from argparse import Namespace
 import torch
 
 from .batch import BatchReport, run_batch
+from .geometry import check_dims
 from .jobs import JobError, edit_jobs, prepare_output_dir, read_prompts, single_edit_job, t2i_jobs
+from .model_files import resolve_models
 from .pipeline import EditOptions, Step1XPipeline, default_device
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -50,6 +52,7 @@ def options_from(args: Namespace) -> EditOptions:
 def plan_jobs(args: Namespace):
     """(jobs, input folder or None) for the arguments; raises JobError/UsageError."""
     if args.t2i:
+        check_dims(args.width, args.height)
         if args.image or args.input_dir:
             raise UsageError("--t2i makes images from text alone; drop the input image / --input-dir")
         if args.prompts:
@@ -91,8 +94,9 @@ def run_edit(args: Namespace) -> int:
     try:
         options = options_from(args)
         jobs, input_dir = plan_jobs(args)
+        resolve_models(args.models, version=args.version, dit=args.dit, vae=args.vae, mllm=args.mllm)
         prepare_output_dir(args.output_dir, jobs, input_dir, overwrite=args.overwrite)
-    except (UsageError, JobError, ValueError) as exc:
+    except (UsageError, JobError, ValueError, OSError) as exc:
         _say(f"error: {exc}")
         return 2
     missing = [j.name for j in jobs if j.source is not None and not j.source.is_file()]

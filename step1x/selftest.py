@@ -86,6 +86,7 @@ def run_selftest(*, tokenizer: str | os.PathLike | None = None, keep: str | os.P
     """Run the whole pipeline on tiny models. ``keep``: build in this folder and leave everything there
     (otherwise a temporary folder is used and removed); ``output``: also copy the result image there."""
     from .batch import run_batch
+    from .encoder.tokens import load_tokenizer
     from .jobs import edit_jobs, prepare_output_dir
     from .pipeline import EditOptions, Step1XPipeline
     from .tiny import build_tiny_models
@@ -100,6 +101,8 @@ def run_selftest(*, tokenizer: str | os.PathLike | None = None, keep: str | os.P
         t0 = time.perf_counter()
         if token_dir is None:
             token_dir = write_tiny_tokenizer(work / "tokenizer")
+        else:
+            load_tokenizer(token_dir)
         build_tiny_models(work / "models", token_dir)
         timings["build"] = time.perf_counter() - t0
         say(f"built tiny models in {work / 'models'}")
