@@ -1,0 +1,23 @@
+"""``Step1XPipeline.from_folder``: the models folder is resolved and loaded with the real loaders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_cli_assets import seeded_image, tiny_models  # noqa: F401
+
+from step1x.model_files import ModelFilesError
+from step1x.pipeline import EditOptions, Step1XPipeline
+
+
+def test_a_models_folder_loads_and_edits(tiny_models):
+    pipe = Step1XPipeline.from_folder(tiny_models, device="cpu", compute_dtype=torch.float32)
+    assert pipe.version == "v1.1"
+    assert pipe.devices == [torch.device("cpu")]
+    result = pipe.edit(seeded_image(48, 32), "make it red", EditOptions(steps=1, size_level=32))
+    assert result.size == (48, 32)
+
+
+def test_a_version_the_folder_does_not_have_is_refused(tiny_models):
+    with pytest.raises(ModelFilesError, match=r"missing the DiT \(step1x-edit-i1258\.safetensors\)"):
+        Step1XPipeline.from_folder(tiny_models, version="v1.0")
