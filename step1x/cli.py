@@ -108,6 +108,7 @@ def _selftest(args) -> int:
 
 def _download(args) -> int:
     from .download import DownloadError, HubUnavailable, describe_plan, download, manual_instructions, plan_download
+    from .model_files import COMFY_MLLM_FILES
 
     versions = ("v1.1", "v1.0") if args.version == "all" else (args.version,)
     try:
@@ -115,6 +116,10 @@ def _download(args) -> int:
     except DownloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    existing = [f.target.parent / name for f in plan.files if f.kind == "mllm" for name in COMFY_MLLM_FILES
+                if (f.target.parent / name).is_file()]
+    if existing:
+        print(f"note: {existing[0]} is already there and works as the MLLM; add --skip-mllm to save 16.6 GB")
     if args.plan:
         print(describe_plan(plan))
         return 0

@@ -206,7 +206,7 @@ def manual_instructions(plan: DownloadPlan, reason: str) -> str:
             lines.append(f"  https://huggingface.co/{f.repo}: config and tokenizer files (*.json, merges.txt, "
                          f"vocab.json) and every *.safetensors shard{approx}\n      -> {f.target}/")
         else:
-            lines.append(f"  https://huggingface.co/{f.repo}/blob/main/{f.filename}{approx}\n      -> {f.target}")
+            lines.append(f"  https://huggingface.co/{f.repo}/resolve/main/{f.filename}{approx}\n      -> {f.target}")
     lines.append("Then check the install with `python -m step1x edit --models ...` (see docs/cli.md).")
     return "\n".join(lines)
 

@@ -136,7 +136,7 @@ def test_offline_mode_prints_the_files_to_place_by_hand(comfyui, monkeypatch, ca
     assert main(["download", "--comfyui", str(comfyui)]) == 1
     err = capsys.readouterr().err
     assert "HF_HUB_OFFLINE is set" in err
-    assert "https://huggingface.co/stepfun-ai/Step1X-Edit/blob/main/step1x-edit-v1p1-official.safetensors" in err
+    assert "https://huggingface.co/stepfun-ai/Step1X-Edit/resolve/main/step1x-edit-v1p1-official.safetensors" in err
     assert str(comfyui / "models" / "diffusion_models" / "step1x-edit-v1p1-official.safetensors") in err
     assert str(comfyui / "models" / "vae" / "step1x-edit-vae.safetensors") in err
     assert "https://huggingface.co/Qwen/Qwen2.5-VL-7B-Instruct" in err
@@ -158,3 +158,10 @@ def test_the_plan_flag_only_shows_where_files_go(tmp_path, capsys):
     assert main(["download", "--dest", str(tmp_path), "--plan"]) == 0
     assert "vae.safetensors" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_comfyui_text_encoder_is_pointed_out(comfyui, capsys):
+    (comfyui / "models" / "text_encoders").mkdir()
+    (comfyui / "models" / "text_encoders" / "qwen_2.5_vl_7b.safetensors").write_bytes(b"")
+    assert main(["download", "--comfyui", str(comfyui), "--plan"]) == 0
+    assert "add --skip-mllm" in capsys.readouterr().out
