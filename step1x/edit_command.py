@@ -46,6 +46,8 @@ def options_from(args: Namespace) -> EditOptions:
         resize_filter=args.resize_filter, restore_size=not args.no_restore_size, sequential_cfg=args.sequential_cfg,
     )
     options.validate()
+    if options.size_level < 16:
+        raise UsageError(f"--size-level {options.size_level} is too small; use at least 16 (512 or 1024 are typical)")
     return options
 
 

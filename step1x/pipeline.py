@@ -97,11 +97,14 @@ class Step1XPipeline:
     runs, so the MLLM (about 16 GB in bf16) and the DiT (about 25 GB, 12.5 GB in fp8) never share the GPU."""
 
     def __init__(self, dit: Step1XEdit, vae: AutoEncoder, encoder, *, device: torch.device,
-                 compute_dtype: torch.dtype = torch.bfloat16, offload: bool = False):
+                 compute_dtype: torch.dtype = torch.bfloat16, offload: bool = False,
+                 offload_encoder: bool | None = None):
         self.dit, self.vae, self.encoder = dit, vae, encoder
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype
         self.offload = offload
+        self.offload_encoder = offload if offload_encoder is None else offload_encoder
+        """Move the MLLM to ``device`` for encoding; off when it was given a device of its own."""
 
     @classmethod
     def from_files(cls, dit: str | Path, vae: str | Path, mllm: str | Path, *, tokenizer_dir: str | Path | None = None,
@@ -116,7 +119,8 @@ class Step1XPipeline:
         ae = load_vae(vae, device=home, dtype=torch.float32)
         text = load_text_encoder(mllm, tokenizer_dir=tokenizer_dir, device=torch.device(mllm_device or home),
                                  dtype=mllm_dtype or compute_dtype)
-        return cls(model, ae, text, device=device, compute_dtype=compute_dtype, offload=offload)
+        return cls(model, ae, text, device=device, compute_dtype=compute_dtype, offload=offload,
+                   offload_encoder=offload and mllm_device is None)
 
     @classmethod
     def from_folder(cls, folder: str | Path | None = None, *, version: str | None = None,
@@ -154,7 +158,7 @@ class Step1XPipeline:
 
     def encode_prompts(self, image: Image.Image, prompt: str, negative: str) -> tuple[TextConditioning, TextConditioning]:
         encoder = self.encoder
-        moved = self.offload and encoder.device.type == "cpu"
+        moved = self.offload_encoder and encoder.device.type == "cpu"
         if moved:
             encoder.to(self.device)
         try:
