@@ -227,6 +227,13 @@ def download(plan: DownloadPlan, client: HubClient | None = None, *, say=print, 
         raise HubUnavailable("HF_HUB_OFFLINE is set, so nothing is downloaded")
     client = client or HubClient()
     plan = resolve_sizes(plan, client)
+    clash = [f for f in plan.files if f.target.exists() and not f.complete]
+    if clash:
+        f = clash[0]
+        raise DownloadError(
+            f"{f.target} already exists but is not {f.repo}/{f.filename} ({f.target.stat().st_size:,} bytes, "
+            f"expected {f.size:,}); it is left untouched. Move or delete it, then run again."
+        )
     check_disk_space(plan, **({"free_bytes": free_bytes} if free_bytes else {}))
     todo = [f for f in plan.files if not f.complete]
     say(f"{len(plan.files) - len(todo)} of {len(plan.files)} files already present; fetching "

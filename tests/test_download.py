@@ -165,3 +165,12 @@ def test_an_existing_comfyui_text_encoder_is_pointed_out(comfyui, capsys):
     (comfyui / "models" / "text_encoders" / "qwen_2.5_vl_7b.safetensors").write_bytes(b"")
     assert main(["download", "--comfyui", str(comfyui), "--plan"]) == 0
     assert "add --skip-mllm" in capsys.readouterr().out
+
+
+def test_a_different_file_under_a_target_name_is_never_replaced(tmp_path):
+    (tmp_path / "vae.safetensors").write_bytes(b"someone else's VAE")
+    hub = FakeHub()
+    with pytest.raises(dl.DownloadError, match=r"vae\.safetensors already exists but is not .*left untouched"):
+        dl.download(dl.plan_download(dest=tmp_path, mllm=False), hub, say=lambda _: None)
+    assert (tmp_path / "vae.safetensors").read_bytes() == b"someone else's VAE"
+    assert hub.fetched == []
