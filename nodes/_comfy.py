@@ -116,8 +116,19 @@ class HeadlessPatcher:
         return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
 
 
+class ModuleHolder(torch.nn.Module):
+    """Holds a module whose ``device`` is a read-only property (transformers models), because ModelPatcher
+    records the device it loaded a model onto in that attribute."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+
 def manage(model: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
     """Register ``model`` with ComfyUI's model management (a ModelPatcher)."""
+    if isinstance(getattr(type(model), "device", None), property):
+        model = ModuleHolder(model)
     if IN_COMFYUI:
         return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     return HeadlessPatcher(model, load_device, offload_device)
