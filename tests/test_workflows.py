@@ -1,0 +1,158 @@
+"""Every workflow in workflows/ refers only to node types and inputs the pack defines or to the ComfyUI
+built-ins listed in BUILTINS, with the widget values the frontend expects (UI format) and complete, typed
+links (both formats)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from test_nodes_support import ROOT, load_pack
+
+WORKFLOWS = ROOT / "workflows"
+SCALARS = ("INT", "FLOAT", "STRING", "BOOLEAN")
+
+BUILTINS = {
+    # class_type: (inputs in order as (name, type), output types). A list type is a combo (a widget).
+    "LoadImage": ([("image", [])], ("IMAGE", "MASK")),
+    "SaveImage": ([("images", "IMAGE"), ("filename_prefix", "STRING")], ()),
+    "VAELoader": ([("vae_name", [])], ("VAE",)),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], ("IMAGE",)),
+    "EmptySD3LatentImage": ([("width", "INT"), ("height", "INT"), ("batch_size", "INT")], ("LATENT",)),
+}
+"""The ComfyUI built-in nodes the workflows may use (checked against the real ComfyUI in test_comfyui_server)."""
+
+FRONTEND_ONLY = {"Note": 1, "MarkdownNote": 1}
+"""Frontend-only node types (not in the API format) and their number of widget values."""
+
+EXTRA_WIDGET_VALUES = {"LoadImage": {"image": 1}}
+"""Widgets that save a second value: LoadImage's upload button."""
+
+
+def definitions():
+    """class_type -> (inputs [(name, type, optional, options)], output types)."""
+    out = {}
+    for name, (inputs, outputs) in BUILTINS.items():
+        out[name] = ([(n, t, False, {}) for n, t in inputs], outputs)
+    for name, cls in load_pack().NODE_CLASS_MAPPINGS.items():
+        types = cls.INPUT_TYPES()
+        inputs = [(n, spec[0], section == "optional", spec[1] if len(spec) > 1 else {})
+                  for section in ("required", "optional") for n, spec in types.get(section, {}).items()]
+        out[name] = (inputs, tuple(cls.RETURN_TYPES))
+    return out
+
+
+def is_widget(kind) -> bool:
+    return isinstance(kind, list) or kind in SCALARS
+
+
+def widget_value_count(class_type, inputs) -> int:
+    count = 0
+    for name, kind, _, options in inputs:
+        if is_widget(kind):
+            count += 1 + EXTRA_WIDGET_VALUES.get(class_type, {}).get(name, 0)
+            if kind == "INT" and (options.get("control_after_generate") or name in ("seed", "noise_seed")):
+                count += 1
+    return count
+
+
+def ui_files():
+    return sorted(p for p in WORKFLOWS.glob("*.json") if "nodes" in json.loads(p.read_text(encoding="utf-8")))
+
+
+def api_files():
+    return sorted(p for p in WORKFLOWS.glob("*.json") if "nodes" not in json.loads(p.read_text(encoding="utf-8")))
+
+
+def test_the_promised_workflows_exist():
+    names = {p.stem for p in WORKFLOWS.glob("*.json")}
+    assert {"step1x_edit_basic", "step1x_edit_lowvram_fp8", "step1x_text_to_image", "step1x_edit_mask",
+            "step1x_edit_api"} <= names
+
+
+@pytest.mark.parametrize("path", ui_files(), ids=lambda p: p.name)
+def test_ui_workflow_matches_the_node_definitions(path):
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    defs = definitions()
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert len(nodes) == len(wf["nodes"]), "node ids must be unique"
+    links = {link[0]: link for link in wf["links"]}
+    for node in wf["nodes"]:
+        for key in ("id", "type", "pos", "size", "flags", "order", "mode", "properties"):
+            assert key in node, f"{path.name}: node {node.get('id')} lacks {key!r}"
+        kind = node["type"]
+        if kind in FRONTEND_ONLY:
+            assert len(node["widgets_values"]) == FRONTEND_ONLY[kind]
+            continue
+        assert kind in defs, f"{path.name}: node type {kind} is neither in the pack nor in BUILTINS"
+        inputs, outputs = defs[kind]
+        sockets = {n: (t, optional) for n, t, optional, _ in inputs if not is_widget(t)}
+        for slot, entry in enumerate(node["inputs"]):
+            assert entry["name"] in sockets, f"{path.name}: {kind} has no input {entry['name']!r}"
+            assert entry["type"] == sockets[entry["name"]][0], f"{path.name}: {kind}.{entry['name']} type"
+            if entry["link"] is not None:
+                _, src, src_slot, dst, dst_slot, link_type = links[entry["link"]]
+                assert (dst, dst_slot) == (node["id"], slot), f"{path.name}: link {entry['link']} target"
+                assert defs[nodes[src]["type"]][1][src_slot] == link_type == entry["type"], f"{path.name}: link types"
+        connected = {e["name"] for e in node["inputs"] if e["link"] is not None}
+        missing = [n for n, (_, optional) in sockets.items() if not optional and n not in connected]
+        assert not missing, f"{path.name}: {kind} (node {node['id']}) leaves required inputs open: {missing}"
+        assert len(node.get("widgets_values", [])) == widget_value_count(kind, inputs), (
+            f"{path.name}: {kind} (node {node['id']}) has {len(node.get('widgets_values', []))} widget values, "
+            f"expected {widget_value_count(kind, inputs)}")
+        _check_widget_values(path.name, kind, inputs, node.get("widgets_values", []))
+        assert [o["type"] for o in node["outputs"]] == list(outputs), f"{path.name}: {kind} outputs"
+    for link_id, src, src_slot, dst, dst_slot, link_type in wf["links"]:
+        assert link_id in nodes[src]["outputs"][src_slot]["links"], f"{path.name}: link {link_id} not on its output"
+        assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
+
+
+def _check_widget_values(name, kind, inputs, values):
+    values = list(values)
+    for input_name, input_kind, _, options in inputs:
+        if not is_widget(input_kind):
+            continue
+        value = values.pop(0)
+        if isinstance(input_kind, list) and input_kind and kind not in BUILTINS:
+            if input_name not in ("unet_name", "mllm_name", "vae_name"):  # the user's files
+                assert value in input_kind, f"{name}: {kind}.{input_name}={value!r} not in {input_kind}"
+        if input_kind in ("INT", "FLOAT") and "min" in options:
+            assert options["min"] <= value <= options["max"], f"{name}: {kind}.{input_name}={value} out of range"
+        values = values[EXTRA_WIDGET_VALUES.get(kind, {}).get(input_name, 0):]
+        if input_kind == "INT" and (options.get("control_after_generate") or input_name in ("seed", "noise_seed")):
+            assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
+
+
+@pytest.mark.parametrize("path", api_files(), ids=lambda p: p.name)
+def test_api_workflow_matches_the_node_definitions(path):
+    prompt = json.loads(path.read_text(encoding="utf-8"))
+    defs = definitions()
+    assert prompt, f"{path.name} is empty"
+    for node_id, node in prompt.items():
+        kind = node["class_type"]
+        assert kind in defs, f"{path.name}: node type {kind} is neither in the pack nor in BUILTINS"
+        inputs, _ = defs[kind]
+        known = {n: (t, optional) for n, t, optional, _ in inputs}
+        for name, value in node["inputs"].items():
+            assert name in known, f"{path.name}: {kind} has no input {name!r}"
+            expected, _ = known[name]
+            if is_widget(expected):
+                assert not isinstance(value, list), f"{path.name}: {kind}.{name} is a widget, not a link"
+            else:
+                src, slot = value
+                assert src in prompt, f"{path.name}: {kind}.{name} links to missing node {src}"
+                assert defs[prompt[src]["class_type"]][1][slot] == expected, f"{path.name}: {kind}.{name} link type"
+        missing = [n for n, (_, optional) in known.items() if not optional and n not in node["inputs"]]
+        assert not missing, f"{path.name}: {kind} (node {node_id}) lacks required inputs {missing}"
+
+
+def test_the_api_workflow_is_the_basic_ui_workflow():
+    ui = json.loads((WORKFLOWS / "step1x_edit_basic.json").read_text(encoding="utf-8"))
+    api = json.loads((WORKFLOWS / "step1x_edit_api.json").read_text(encoding="utf-8"))
+    ui_types = {str(n["id"]): n["type"] for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY}
+    assert ui_types == {k: v["class_type"] for k, v in api.items()}
+
+
+def test_workflows_name_only_model_files_users_can_have():
+    for path in WORKFLOWS.glob("*.json"):
+        text = path.read_text(encoding="utf-8")
+        assert "/work/" not in text and "\\\\" not in text, f"{path.name} holds a machine path"
