@@ -1,0 +1,279 @@
+"""The pack inside a real ComfyUI server: it imports, /object_info lists every node, the API workflow runs
+on tiny model files through POST /prompt and writes an image, caching spares the MLLM when only the seed
+changes, and bad input comes back as a node error while the server keeps running.
+
+Needs ``COMFYUI_PATH`` (a ComfyUI checkout) and optionally ``COMFYUI_PYTHON`` (its interpreter; default:
+this one). The server runs with --cpu on 127.0.0.1 on a free port, in a temporary base directory that
+holds the pack (linked), tiny models under the real file names and an input image. With
+``STEP1X_UI_CHECK`` (the path of a ``check_workflow_ui.mjs``-style checker run with ``node``) the UI
+workflows are also loaded into the real frontend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from test_nodes_support import ROOT, load_pack, write_tiny_models
+from test_workflows import BUILTINS, WORKFLOWS, ui_files
+
+COMFYUI = os.environ.get("COMFYUI_PATH")
+pytestmark = pytest.mark.skipif(
+    not COMFYUI, reason="COMFYUI_PATH is not set; point it at a ComfyUI checkout (and COMFYUI_PYTHON at its "
+                        "interpreter) to test the pack inside the real ComfyUI")
+
+PACK_FOLDER = "ComfyUI-Step1X-Edit"
+MODEL_NAMES = {"dit": "step1x-edit-v1p1-official.safetensors", "vae": "step1x-edit-vae.safetensors",
+               "mllm": "Qwen2.5-VL-7B-Instruct"}
+IMAGE_SIZE = (96, 72)
+FAST = {"steps": 2, "size_level": 64}
+
+
+class Server:
+    def __init__(self, url: str, base: Path, log: Path):
+        self.url, self.base, self.log = url, base, log
+
+    def get(self, route: str):
+        with urllib.request.urlopen(self.url + route, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post_prompt(self, prompt: dict) -> tuple[int, dict]:
+        body = json.dumps({"prompt": prompt, "client_id": str(uuid.uuid4())}).encode()
+        request = urllib.request.Request(self.url + "/prompt", data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    def run(self, prompt: dict, timeout: float = 180) -> dict:
+        status, answer = self.post_prompt(prompt)
+        assert status == 200, answer
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history = self.get(f"/history/{answer['prompt_id']}")
+            if answer["prompt_id"] in history:
+                return history[answer["prompt_id"]]
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {answer['prompt_id']} did not finish in {timeout} s; see {self.log}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prepare_base(base: Path) -> None:
+    (base / "custom_nodes").mkdir(parents=True)
+    (base / "custom_nodes" / PACK_FOLDER).symlink_to(ROOT, target_is_directory=True)
+    models = base / "models"
+    tokenizer = Path(COMFYUI) / "comfy" / "text_encoders" / "qwen25_tokenizer"
+    names = write_tiny_models(models, tokenizer)
+    (models / "diffusion_models" / names["dit"]).rename(models / "diffusion_models" / MODEL_NAMES["dit"])
+    (models / "vae" / names["vae"]).rename(models / "vae" / MODEL_NAMES["vae"])
+    shutil.copyfile(models / "vae" / MODEL_NAMES["vae"], models / "vae" / "ae.safetensors")
+    (models / "text_encoders" / names["mllm"]).rename(models / "text_encoders" / MODEL_NAMES["mllm"])
+    (base / "input").mkdir()
+    _write_input_image(base / "input" / "example.png")
+
+
+def _write_input_image(path: Path) -> None:
+    """An RGBA image whose left half is transparent: Load Image turns that into a mask of 1s."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(IMAGE_SIZE[1], IMAGE_SIZE[0], 4), dtype=np.uint8)
+    pixels[..., 3] = 255
+    pixels[:, : IMAGE_SIZE[0] // 2, 3] = 0
+    Image.fromarray(pixels, mode="RGBA").save(path)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfyui_base")
+    _prepare_base(base)
+    port = _free_port()
+    log = base / "comfyui.log"
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
+             "--disable-auto-launch"], cwd=COMFYUI, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        srv = Server(f"http://127.0.0.1:{port}", base, log)
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {process.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
+            try:
+                srv.get("/object_info/SaveImage")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"ComfyUI did not answer within 180 s; see {log}")
+                time.sleep(0.5)
+        yield srv
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _api_prompt(**changes) -> dict:
+    prompt = json.loads((WORKFLOWS / "step1x_edit_api.json").read_text(encoding="utf-8"))
+    prompt["5"]["inputs"]["size_level"] = FAST["size_level"]
+    prompt["7"]["inputs"]["steps"] = FAST["steps"]
+    for key, value in changes.items():
+        node, name = key.split("__")
+        prompt[node]["inputs"][name] = value
+    return prompt
+
+
+def _messages(entry: dict, event: str) -> list[dict]:
+    return [data for name, data in entry["status"]["messages"] if name == event]
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+def test_the_pack_imports_without_error(server):
+    log = server.log.read_text(errors="replace")
+    assert f"Cannot import {server.base / 'custom_nodes' / PACK_FOLDER}" not in log
+    assert not [line for line in log.splitlines() if "IMPORT FAILED" in line and PACK_FOLDER in line]
+
+
+def test_object_info_lists_every_node_as_defined(server):
+    info = server.get("/object_info")
+    pack = load_pack()
+    for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
+        assert node_id in info, f"{node_id} missing from /object_info"
+        entry = info[node_id]
+        assert entry["display_name"] == pack.NODE_DISPLAY_NAME_MAPPINGS[node_id]
+        assert entry["category"] == "Step1X-Edit" and entry["description"] == cls.DESCRIPTION
+        types = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            assert entry["input_order"].get(section, []) == list(types.get(section, {}))
+        assert entry["output"] == list(cls.RETURN_TYPES)
+    choices = info["Step1XEditMLLMLoader"]["input"]["required"]["mllm_name"][0]
+    assert MODEL_NAMES["mllm"] in choices and not any("/" in c for c in choices)
+
+
+def test_the_builtins_the_workflows_use_are_as_listed(server):
+    info = server.get("/object_info")
+    for name, (inputs, outputs) in BUILTINS.items():
+        entry = info[name]
+        order = entry["input_order"]["required"] + entry["input_order"].get("optional", [])
+        assert [n for n, _ in inputs] == order, name
+        for input_name, kind in inputs:
+            actual = {**entry["input"]["required"], **entry["input"].get("optional", {})}[input_name][0]
+            assert isinstance(actual, list) if isinstance(kind, list) else actual == kind, (name, input_name)
+        assert tuple(entry["output"]) == outputs, name
+
+
+def test_the_api_workflow_runs_and_writes_an_image_at_the_original_size(server):
+    from PIL import Image
+
+    entry = server.run(_api_prompt())
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    image = entry["outputs"]["10"]["images"][0]
+    path = server.base / "output" / image["subfolder"] / image["filename"]
+    with Image.open(path) as saved:
+        assert saved.size == IMAGE_SIZE
+
+
+def test_changing_only_the_seed_does_not_re_encode_the_instruction(server):
+    server.run(_api_prompt(**{"7__seed": 1}))
+    entry = server.run(_api_prompt(**{"7__seed": 2}))
+    assert entry["status"]["status_str"] == "success"
+    cached = set(_messages(entry, "execution_cached")[0]["nodes"])
+    assert {"1", "2", "3", "4", "5", "6"} <= cached, cached
+    assert "7" not in cached
+
+
+def test_the_mask_from_load_image_guides_the_edit(server):
+    entry = server.run(_api_prompt(**{"7__mask": ["4", 1]}))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+
+
+def test_comfyuis_own_vae_decode_decodes_the_sampler_latent(server):
+    prompt = _api_prompt()
+    prompt["8"] = {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["3", 0]}}
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+
+
+def test_text_to_image_runs_from_the_same_nodes(server):
+    from PIL import Image
+
+    prompt = _api_prompt()
+    for node in ("4", "9"):
+        del prompt[node]
+    prompt["4"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 48, "batch_size": 1}}
+    del prompt["5"]["inputs"]["image"]
+    del prompt["7"]["inputs"]["reference_image"]
+    prompt["7"]["inputs"]["init_latent"] = ["4", 0]
+    prompt["10"]["inputs"]["images"] = ["8", 0]
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    image = entry["outputs"]["10"]["images"][0]
+    with Image.open(server.base / "output" / image["subfolder"] / image["filename"]) as saved:
+        assert saved.size == (64, 48)
+
+
+def test_a_missing_model_file_is_a_node_error_and_the_server_keeps_running(server):
+    status, answer = server.post_prompt(_api_prompt(**{"1__unet_name": "missing.safetensors"}))
+    assert status == 400
+    errors = answer["node_errors"]["1"]["errors"]
+    assert errors[0]["type"] == "value_not_in_list" and "missing.safetensors" in errors[0]["details"]
+    assert server.run(_api_prompt())["status"]["status_str"] == "success"
+
+
+def test_bad_input_at_run_time_is_a_node_error_and_the_server_keeps_running(server):
+    entry = server.run(_api_prompt(**{"7__cfg": math.nan}))
+    assert entry["status"]["status_str"] == "error"
+    error = _messages(entry, "execution_error")[0]
+    assert error["node_id"] == "7" and error["node_type"] == "Step1XEditSampler"
+    assert "cfg is nan; set a finite number" in error["exception_message"]
+    assert server.run(_api_prompt(**{"7__seed": 5}))["status"]["status_str"] == "success"
+
+
+def test_zero_steps_are_refused_before_running(server):
+    status, answer = server.post_prompt(_api_prompt(**{"7__steps": 0}))
+    assert status == 400
+    assert answer["node_errors"]["7"]["errors"][0]["type"] == "value_smaller_than_min"
+
+
+@pytest.mark.skipif(not os.environ.get("STEP1X_UI_CHECK"), reason="STEP1X_UI_CHECK is not set; point it at "
+                    "check_workflow_ui.mjs (run with node and a headless Chromium) to load the UI workflows in the "
+                    "real frontend")
+def test_ui_workflows_load_in_the_frontend_with_no_missing_nodes(server, tmp_path):
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        ["node", os.environ["STEP1X_UI_CHECK"], "--url", server.url, "--json", str(report),
+         *[str(p) for p in ui_files()]], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    reports = {Path(entry["file"]).name: entry for entry in json.loads(report.read_text())}
+    assert set(reports) == {p.name for p in ui_files()}
+    for name, entry in reports.items():
+        assert entry["ok"] and not (entry["missing"] or entry["toasts"] or entry["widgetDiffs"]), (name, entry)
+    queued = reports["step1x_edit_basic.json"]["apiPrompt"]
+    api = json.loads((WORKFLOWS / "step1x_edit_api.json").read_text(encoding="utf-8"))
+    strip = lambda prompt: {k: (v["class_type"], v["inputs"]) for k, v in prompt.items()}  # noqa: E731
+    assert strip(queued) == strip(api), "the API workflow is what the frontend queues for the basic workflow"
