@@ -57,16 +57,27 @@ class Server:
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read())
 
+    def post(self, route: str, data: dict) -> None:
+        request = urllib.request.Request(self.url + route, data=json.dumps(data).encode(),
+                                         headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=30).close()
+
     def run(self, prompt: dict, timeout: float = 180) -> dict:
         status, answer = self.post_prompt(prompt)
         assert status == 200, answer
+        return self.wait(answer["prompt_id"], timeout)
+
+    def wait(self, prompt_id: str, timeout: float = 180) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            history = self.get(f"/history/{answer['prompt_id']}")
-            if answer["prompt_id"] in history:
-                return history[answer["prompt_id"]]
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history:
+                return history[prompt_id]
             time.sleep(0.2)
-        raise TimeoutError(f"prompt {answer['prompt_id']} did not finish in {timeout} s; see {self.log}")
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s; see {self.log}")
+
+    def running(self) -> list[str]:
+        return [item[1] for item in self.get("/queue")["queue_running"]]
 
 
 def _free_port() -> int:
@@ -112,7 +123,7 @@ def server(tmp_path_factory):
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
-             "--disable-auto-launch"], cwd=COMFYUI, stdout=out, stderr=subprocess.STDOUT, env=env)
+             "--disable-auto-launch", "--preview-method", "latent2rgb"], cwd=COMFYUI, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         srv = Server(f"http://127.0.0.1:{port}", base, log)
         deadline = time.monotonic() + 180
@@ -196,6 +207,9 @@ def test_the_api_workflow_runs_and_writes_an_image_at_the_original_size(server):
     path = server.base / "output" / image["subfolder"] / image["filename"]
     with Image.open(path) as saved:
         assert saved.size == IMAGE_SIZE
+    log = server.log.read_text(errors="replace")
+    for model in ("Step1XEdit", "ModuleHolder", "AutoEncoder"):
+        assert f"Requested to load {model}" in log, f"{model} was not loaded through ComfyUI's model management"
 
 
 def test_changing_only_the_seed_does_not_re_encode_the_instruction(server):
@@ -235,6 +249,21 @@ def test_text_to_image_runs_from_the_same_nodes(server):
     image = entry["outputs"]["10"]["images"][0]
     with Image.open(server.base / "output" / image["subfolder"] / image["filename"]) as saved:
         assert saved.size == (64, 48)
+
+
+def test_cancel_stops_the_sampler_between_steps(server):
+    server.run(_api_prompt(**{"7__seed": 9}))
+    status, answer = server.post_prompt(_api_prompt(**{"7__seed": 9, "7__steps": 200}))
+    assert status == 200
+    deadline = time.monotonic() + 60
+    while answer["prompt_id"] not in server.running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    server.post("/interrupt", {"prompt_id": answer["prompt_id"]})
+    entry = server.wait(answer["prompt_id"], timeout=60)
+    interrupted = _messages(entry, "execution_interrupted")
+    assert interrupted and interrupted[0]["node_type"] == "Step1XEditSampler", entry["status"]
+    assert server.run(_api_prompt(**{"7__seed": 10}))["status"]["status_str"] == "success"
 
 
 def test_a_missing_model_file_is_a_node_error_and_the_server_keeps_running(server):

@@ -6,8 +6,8 @@ import importlib
 import pytest
 import torch
 from test_nodes_support import (  # noqa: F401  (pytest fixtures)
-    PACK_NAME, STEPS, bind, bridge, dit, fake_embeds, image, lib, load_pack, mllm, model_names, pack, run_node, sample,
-    vae,
+    PACK_NAME, ROOT, STEPS, bind, bridge, dit, fake_embeds, image, lib, load_pack, mllm, model_names, pack, run_node,
+    sample, vae,
 )
 
 
@@ -172,3 +172,28 @@ def test_vae_encode_node_gives_a_latent_the_sampler_takes(pack, dit, vae):
     assert latent["samples"].shape == (1, 16, 6, 8)
     out = sample(pack, dit, bind(pack, dit, fake_embeds(pack)), reference_latent=latent)
     assert out["samples"].shape == (1, 16, 6, 8)
+
+
+def test_every_weight_can_stay_offloaded_under_lowvram(dit, vae):
+    """ComfyUI's partial loading leaves layers it cannot fit on the CPU and relies on them casting their weights
+    to the input's device: every module holding weights must be such a layer or cast in its own forward."""
+    ops = lib("ops")
+    casting = (ops.CastLinear, ops.CastConv2d, ops.CastGroupNorm, ops.CastLayerNorm, lib("layers").RMSNorm)
+    for model in (dit.model, vae.autoencoder):
+        for name, module in model.named_modules():
+            if next(module.parameters(recurse=False), None) is None:
+                continue
+            assert isinstance(module, casting) or name == "connector", f"{name} ({type(module).__name__})"
+
+
+def test_the_pack_imports_without_comfyui_or_optional_packages():
+    import subprocess
+    import sys
+
+    blocked = ["comfy", "folder_paths", "latent_preview", "transformers", "xformers", "flash_attn"]
+    code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r}));"
+            "from test_nodes_support import load_pack; print(len(load_pack().NODE_CLASS_MAPPINGS))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=ROOT / "tests", env={"PATH": "", "PYTHONPATH": str(ROOT / "tests")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "10"
