@@ -101,7 +101,8 @@ class VaeLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "vae_name": (bridge.model_files("vae"), {
-                "tooltip": "The 16-channel FLUX VAE in models/vae: vae.safetensors (Step1X-Edit) or ae.safetensors (FLUX)."}),
+                "tooltip": ("The 16-channel FLUX VAE in models/vae: Step1X-Edit's vae.safetensors (e.g. saved as "
+                            "step1x-edit-vae.safetensors) or FLUX's ae.safetensors.")}),
         }}
 
     def load(self, vae_name):

@@ -44,8 +44,9 @@ class Sampler:
                     "turns it off, as in the first release).")}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": (
                     "1.0 starts from noise. Lower values start from init_latent (or the reference) and change less.")}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
-                                       "tooltip": "Results per reference image, from consecutive noise."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": (
+                    "Results per reference image. The whole batch's noise comes from the one seed, as in ComfyUI's "
+                    "samplers.")}),
             },
             "optional": {
                 "reference_image": ("IMAGE", {"tooltip": (
@@ -134,7 +135,8 @@ def _repeat(t: torch.Tensor | None, per_ref: int) -> torch.Tensor | None:
 def _rows(side: TextConditioning, refs: int, per_ref: int) -> TextConditioning:
     """One conditioning row per sample: per reference image, then ``per_ref`` times each."""
     emb = _batch(side.llm_embedding, refs, "the conditioning")
-    return TextConditioning(repeat_rows(emb, per_ref), repeat_rows(_batch(side.mask, refs, "the conditioning"), per_ref))
+    mask = _batch(side.mask, refs, "the conditioning")
+    return TextConditioning(repeat_rows(emb, per_ref), repeat_rows(mask, per_ref))
 
 
 def run(dit, connector, noise, cond, uncond, *, reference, init, keep, steps, cfg, renorm_threshold, strength):

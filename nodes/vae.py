@@ -83,7 +83,9 @@ def _crop(pixels: torch.Tensor) -> torch.Tensor:
 def check_vae(vae) -> None:
     """Any VAE object with ComfyUI's interface that makes 16-channel, 8x latents (the FLUX VAE)."""
     if vae is None:
-        raise ValueError("a VAE is needed here: connect the Step1X-Edit VAE loader or ComfyUI's Load VAE (ae.safetensors)")
+        raise ValueError(
+            "a VAE is needed here: connect the Step1X-Edit VAE loader or ComfyUI's Load VAE (ae.safetensors)"
+        )
     if not callable(getattr(vae, "encode", None)) or not callable(getattr(vae, "decode", None)):
         raise ValueError(f"the VAE input got a {type(vae).__name__}, which has no encode/decode")
     channels = getattr(vae, "latent_channels", None)

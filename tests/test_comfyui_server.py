@@ -123,7 +123,8 @@ def server(tmp_path_factory):
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
-             "--disable-auto-launch", "--preview-method", "latent2rgb"], cwd=COMFYUI, stdout=out, stderr=subprocess.STDOUT, env=env)
+             "--disable-auto-launch", "--preview-method", "latent2rgb"],
+            cwd=COMFYUI, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         srv = Server(f"http://127.0.0.1:{port}", base, log)
         deadline = time.monotonic() + 180

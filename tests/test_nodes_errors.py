@@ -18,7 +18,7 @@ def test_missing_model_file_names_the_folder(pack, model_names):
 
 
 def test_flux_checkpoint_in_the_dit_loader_is_named_as_such(pack, model_names):
-    with pytest.raises(ValueError, match=r"flux1-dev-tiny\.safetensors is a FLUX\.1-dev style DiT.*not a Step1X-Edit DiT"):
+    with pytest.raises(ValueError, match=r"flux1-dev-tiny\.safetensors is a FLUX\.1-dev style DiT.*not a Step1X-Edit"):
         run_node(pack, "Step1XEditDiTLoader", unet_name=model_names["flux"], weight_dtype="default", attention="auto")
 
 
@@ -39,7 +39,7 @@ def test_unavailable_attention_backend_gives_an_install_hint(pack, model_names):
 def test_connector_width_must_match_the_encoder(pack, model_names):
     narrow = run_node(pack, "Step1XEditDiTLoader", unet_name=model_names["dit_w48"], weight_dtype="default",
                       attention="auto")[0]
-    with pytest.raises(ValueError, match=r"embeddings are 64 wide .* expects 48: use the encoder this DiT was trained with"):
+    with pytest.raises(ValueError, match=r"embeddings are 64 wide .* expects 48: use the encoder this DiT was trained"):
         bind(pack, narrow, fake_embeds(pack, hidden=64))
 
 
@@ -118,7 +118,7 @@ def test_edit_embeddings_need_their_reference(pack, dit):
 
 
 def test_latent_of_an_sd_vae_is_refused(pack, dit):
-    with pytest.raises(ValueError, match=r"reference_latent has 4 channels; Step1X-Edit needs the 16-channel FLUX latent"):
+    with pytest.raises(ValueError, match=r"reference_latent has 4 channels; Step1X-Edit needs the 16-channel FLUX"):
         sample(pack, dit, bind(pack, dit, fake_embeds(pack)), reference_latent={"samples": torch.zeros(1, 4, 6, 8)})
 
 

@@ -3,7 +3,6 @@ built-ins listed in BUILTINS, with the widget values the frontend expects (UI fo
 links (both formats)."""
 
 import json
-from pathlib import Path
 
 import pytest
 from test_nodes_support import ROOT, load_pack
