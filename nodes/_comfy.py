@@ -1,7 +1,8 @@
 """The only module that talks to ComfyUI: devices, model management, model folders, progress, latent
 previews and Cancel. Outside ComfyUI (plain Python, pytest) a headless stand-in answers the same calls:
-the main device is CUDA when present else the CPU, models stay where they are loaded, progress goes to
-an optional hook, and model folders come from ``STEP1X_MODELS_DIR`` or :func:`register_model_folder`.
+the main device is CUDA when present else the CPU, a model moves to that device when first used and
+stays there (no offloading), progress goes to an optional hook, and model folders come from
+``STEP1X_MODELS_DIR`` (a folder laid out like ComfyUI's ``models``) or :func:`register_model_folder`.
 """
 
 from __future__ import annotations
