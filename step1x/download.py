@@ -207,7 +207,7 @@ def manual_instructions(plan: DownloadPlan, reason: str) -> str:
                          f"vocab.json) and every *.safetensors shard{approx}\n      -> {f.target}/")
         else:
             lines.append(f"  https://huggingface.co/{f.repo}/resolve/main/{f.filename}{approx}\n      -> {f.target}")
-    lines.append("Then check the install with `python -m step1x edit --models ...` (see the README, "Command line").")
+    lines.append("Then check the install with `python -m step1x edit --models ...` (see the README's Command line section).")
     return "\n".join(lines)
 
 
