@@ -11,6 +11,7 @@ from .connector import Qwen2Connector
 from .embeddings import rope_table, timestep_embedding
 from .layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock
 from .ops import CastOps
+from .teacache import TeaCache, run_blocks_cached
 
 
 class Step1XEdit(nn.Module):
@@ -77,9 +78,10 @@ class Step1XEdit(nn.Module):
 
     def transformer(
         self, img: Tensor, img_ids: Tensor, txt_ids: Tensor, timesteps: Tensor, txt: Tensor, y: Tensor,
-        pe: Tensor | None = None,
+        pe: Tensor | None = None, cache: TeaCache | None = None,
     ) -> Tensor:
-        """Everything after the connector: ``txt`` are its tokens, ``y`` its pooled vector."""
+        """Everything after the connector: ``txt`` are its tokens, ``y`` its pooled vector. ``cache``
+        (TeaCache) may skip the blocks on steps whose input barely changed."""
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"img and txt must be (batch, tokens, channels); got {tuple(img.shape)}, {tuple(txt.shape)}")
         img = self.img_in(img)
@@ -88,12 +90,5 @@ class Step1XEdit(nn.Module):
         txt = self.txt_in(txt)
         if pe is None:
             pe = self.rope(torch.cat((txt_ids, img_ids), dim=1))
-
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, pe)
-        txt_len = txt.shape[1]
-        img = torch.cat((txt, img), 1)
-        del txt
-        for block in self.single_blocks:
-            img = block(img, vec, pe)
-        return self.final_layer(img[:, txt_len:], vec)
+        img = run_blocks_cached(self, img, txt, vec, pe, cache)
+        return self.final_layer(img, vec)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .configs import SHIFT_BASE, SHIFT_MAX
+from .teacache import TeaCache
 
 LATENT_CHANNELS = 16
 
@@ -176,6 +177,7 @@ def denoise(
     connector: Connector | None = None,
     sequential_cfg: bool = False,
     timesteps: list[float] | None = None,
+    teacache: float = 0.0,
     callback: Callable[[StepInfo], None] | None = None,
 ) -> Tensor:
     """Sample latents (B, 16, h, w) in model space, returned as float32.
@@ -189,6 +191,8 @@ def denoise(
       start index. ``keep_mask`` (B|1, 1, h, w), 1 where editing is allowed: outside it each step is reset
       to the reference noised to the current time, so the result keeps the reference there.
     * ``connector``: the function from (llm_embedding, t_vec, mask) to (txt, y); defaults to the model's.
+    * ``teacache`` > 0 skips the transformer blocks on steps whose input barely changed (the official
+      TeaCache; 0.2 is the official default threshold; results differ from a full run).
     * ``callback`` runs after every step; raising from it stops sampling (cancel).
     """
     device = device or noise.device
@@ -243,12 +247,14 @@ def denoise(
             ref_tokens = pack(reference).to(device=device, dtype=compute_dtype)
             img = torch.cat([img, ref_tokens], dim=1)
         total = len(timesteps) - 1
+        caches = _caches(teacache, total, sequential_cfg and use_cfg)
         for i in range(total):
             t_curr, t_prev = timesteps[i], timesteps[i + 1]
             if use_cfg and img.shape[0] == batch:
                 img = torch.cat([img, img], dim=0)
             t_vec = torch.full((img.shape[0],), t_curr, dtype=img.dtype, device=device)
-            pred = _predict(model, connector, img, img_ids, txt_ids, t_vec, llm, txt_mask, pe, sequential_cfg, batch)
+            pred = _predict(model, connector, img, img_ids, txt_ids, t_vec, llm, txt_mask, pe, sequential_cfg, batch,
+                            caches)
             pred = pred[:, :n_tokens]
             if use_cfg:
                 pred = guidance(pred[:batch], pred[batch:], cfg_scale, t_curr, renorm_threshold)
@@ -263,19 +269,32 @@ def denoise(
     return unpack(img[:batch, :n_tokens].float(), h, w)
 
 
-def _predict(model, connector, img, img_ids, txt_ids, t_vec, llm, txt_mask, pe, sequential: bool, batch: int):
+def _predict(model, connector, img, img_ids, txt_ids, t_vec, llm, txt_mask, pe, sequential: bool, batch: int,
+             caches: list[TeaCache | None]):
     """One DiT evaluation over the whole [cond; uncond] batch, or one half at a time."""
     rows = img.shape[0]
     ids = img_ids.repeat(rows // batch, 1, 1)
     if not sequential or rows == batch:
         txt, y = connector(llm, t_vec, txt_mask)
-        return model.transformer(img, ids, txt_ids, t_vec, txt, y, pe)
+        return _transformer(model, img, ids, txt_ids, t_vec, txt, y, pe, caches[0])
     outs = []
-    for lo in range(0, rows, batch):
+    for half, lo in enumerate(range(0, rows, batch)):
         sl = slice(lo, lo + batch)
         txt, y = connector(llm[sl], t_vec[sl], txt_mask[sl])
-        outs.append(model.transformer(img[sl], ids[sl], txt_ids[sl], t_vec[sl], txt, y, pe[sl]))
+        outs.append(_transformer(model, img[sl], ids[sl], txt_ids[sl], t_vec[sl], txt, y, pe[sl], caches[half]))
     return torch.cat(outs, dim=0)
+
+
+def _transformer(model, img, ids, txt_ids, t_vec, txt, y, pe, cache):
+    if cache is None:
+        return model.transformer(img, ids, txt_ids, t_vec, txt, y, pe)
+    return model.transformer(img, ids, txt_ids, t_vec, txt, y, pe, cache=cache)
+
+
+def _caches(threshold: float, total: int, per_half: bool) -> list[TeaCache | None]:
+    if not threshold:
+        return [None, None]
+    return [TeaCache(threshold, total) for _ in range(2 if per_half else 1)] + ([] if per_half else [None])
 
 
 def _keep_outside_mask(latent_tokens, mask, noise, reference, t: float, h: int, w: int):
