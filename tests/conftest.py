@@ -1,12 +1,18 @@
-"""Shared test fixtures: the official parity data, tiny seeded configs and deterministic CPU math."""
+"""Shared test fixtures: the official parity data, tiny seeded models and deterministic CPU math.
+
+Test modules request these by name; plain helpers live in ``helpers.py``, ``node_support.py`` and
+``tiny_qwen.py``. Every tiny model set is built once per session in pytest's temporary folders."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from node_support import PACK_NAME, load_pack, run_node, tokenizer_for_tests, write_tiny_models
 
 torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True, warn_only=True)
@@ -34,6 +40,9 @@ def qwen_tokenizer_dir() -> Path:
     return _env_dir("STEP1X_QWEN_TOKENIZER", "a folder with the Qwen2.5 tokenizer files")
 
 
+# ------------------------------------------------------------------------------------- library: tiny DiT
+
+
 @pytest.fixture(scope="session")
 def tiny_dit():
     """A tiny v1.1 DiT with seeded random weights (the parity fixtures' architecture)."""
@@ -56,3 +65,82 @@ def tiny_text():
     mask[1, :6] = 1
     emb = emb * mask.unsqueeze(-1)
     return TextConditioning(emb[:1], mask[:1]), TextConditioning(emb[1:], mask[1:])
+
+
+# -------------------------------------------------------------------------- command line: tiny model set
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """A models folder in the standalone layout under the official names (v1.1 DiT, VAE, Qwen2.5-VL folder),
+    built with the run-time stand-in tokenizer, so the command-line tests need no downloaded files."""
+    from step1x.tiny import build_tiny_models
+    from step1x.tiny_tokenizer import write_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    build_tiny_models(root / "models", write_tiny_tokenizer(root / "tokenizer"))
+    return root / "models"
+
+
+# ------------------------------------------------------------------------ encoder: tiny Qwen2.5-VL assets
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory, qwen_tokenizer_dir):
+    """The tiny Qwen2.5-VL as an HF folder and as ComfyUI-layout single files (see ``tiny_qwen.py``)."""
+    from tiny_qwen import build_assets
+
+    return build_assets(tmp_path_factory.mktemp("tiny_qwen"), qwen_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_assets):
+    """The tiny encoder loaded from its HF folder in float32."""
+    from tiny_qwen import load_tiny
+
+    return load_tiny(tiny_assets.folder, tiny_assets)
+
+
+# ----------------------------------------------------------------------- nodes: the pack on tiny files
+
+
+@pytest.fixture(scope="session")
+def pack():
+    """The repository root imported as a package, as ComfyUI imports a custom node folder."""
+    return load_pack()
+
+
+@pytest.fixture(scope="session")
+def bridge(pack):
+    """The pack's ComfyUI bridge, here in its headless form."""
+    return importlib.import_module(f"{PACK_NAME}.nodes._comfy")
+
+
+@pytest.fixture(scope="session")
+def model_names(tmp_path_factory, bridge):
+    """Tiny model files in a models folder registered with the headless bridge; the file names by role."""
+    root = tmp_path_factory.mktemp("models")
+    names = write_tiny_models(root, tokenizer_for_tests(tmp_path_factory.mktemp("tokenizer")))
+    for kind in ("diffusion_models", "vae", "text_encoders"):
+        bridge.register_model_folder(kind, root / kind)
+    yield names
+    bridge.clear_model_folders()
+
+
+@pytest.fixture(scope="session")
+def dit(pack, model_names):
+    """The tiny DiT from the DiT loader node."""
+    return run_node(pack, "Step1XEditDiTLoader", unet_name=model_names["dit"], weight_dtype="default",
+                    attention="auto")[0]
+
+
+@pytest.fixture(scope="session")
+def vae(pack, model_names):
+    """The tiny VAE from the VAE loader node."""
+    return run_node(pack, "Step1XEditVAELoader", vae_name=model_names["vae"])[0]
+
+
+@pytest.fixture(scope="session")
+def mllm(pack, model_names):
+    """The tiny MLLM from the MLLM loader node, in float32."""
+    return run_node(pack, "Step1XEditMLLMLoader", mllm_name=model_names["mllm"], dtype="fp32", device="default")[0]

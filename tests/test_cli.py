@@ -4,11 +4,12 @@ text-to-image, and every input problem caught before models load, with nothing l
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_cli_assets import seeded_image, tiny_models, write_inputs  # noqa: F401
 
+from helpers import seeded_image
 from step1x.cli import main
 
 FAST = ["--steps", "2", "--size-level", "64", "--device", "cpu", "--dtype", "fp32", "-q"]
@@ -16,6 +17,16 @@ FAST = ["--steps", "2", "--size-level", "64", "--device", "cpu", "--dtype", "fp3
 
 def edit(*args: str) -> int:
     return main(["edit", *args, *FAST])
+
+
+def write_inputs(folder: Path, prompts: dict[str, str], sizes: dict[str, tuple[int, int]]) -> Path:
+    """Write the images named in ``sizes`` into ``folder`` and ``prompts`` beside it; returns the JSON."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (name, size) in enumerate(sizes.items()):
+        seeded_image(*size, seed=i).save(folder / name)
+    path = folder.parent / "prompts.json"
+    path.write_text(json.dumps(prompts), encoding="utf-8")
+    return path
 
 
 def leftovers(folder):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cli_assets import seeded_image, tiny_models  # noqa: F401
 
+from helpers import seeded_image
 from step1x import batch
 from step1x.batch import describe_error, run_batch
 from step1x.jobs import edit_jobs

@@ -84,3 +84,8 @@ def test_an_unofficial_dit_name_is_found_when_it_is_the_only_one(tmp_path):
 def test_a_models_folder_that_does_not_exist_is_named(tmp_path):
     with pytest.raises(ModelFilesError, match="models folder not found"):
         resolve_models(tmp_path / "nope")
+
+
+def test_the_tiny_model_set_uses_the_official_names(tiny_models):
+    names = sorted(p.name for p in tiny_models.iterdir())
+    assert names == ["Qwen2.5-VL-7B-Instruct", "step1x-edit-v1p1-official.safetensors", "vae.safetensors"]

@@ -25,8 +25,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_nodes_support import ROOT, load_pack, write_tiny_models
-from test_workflows import BUILTINS, WORKFLOWS, ui_files
+
+from node_support import BUILTINS, ROOT, WORKFLOWS, load_pack, ui_files, write_tiny_models
 
 COMFYUI = os.environ.get("COMFYUI_PATH")
 if not COMFYUI:

@@ -6,20 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import seeded_image
 from step1x.encoder import DROP_TOKENS, MAX_LENGTH
-from tiny_qwen import seeded_image, session_assets, session_encoder
 
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def tiny_assets(tmp_path_factory, qwen_tokenizer_dir):
-    return session_assets(tmp_path_factory, qwen_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder(tiny_assets):
-    return session_encoder(tiny_assets)
 
 
 @pytest.fixture(scope="module")

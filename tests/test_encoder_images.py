@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import seeded_image
 from step1x.encoder import ImageInputError, make_image_processor
 from step1x.encoder.image_chain import FETCH_RULE, fetch_image, pixel_inputs, processor_rule, smart_size
 from step1x.geometry import resize_to_size_level
-from tiny_qwen import seeded_image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers import seeded_image
 from step1x.encoder import CheckpointError, TokenizerError, load_text_encoder
 from step1x.encoder import keys as K
 from step1x.encoder.build import empty_model
@@ -17,23 +18,13 @@ from step1x.encoder.fp8 import Fp8Linear
 from step1x.encoder.identify import infer_config
 from step1x.encoder.spec import QWEN25_VL_7B, make_config
 from step1x.encoder.tiny import TINY_QWEN25_VL
-from tiny_qwen import load_tiny, seeded_image, session_assets, session_encoder
+from tiny_qwen import load_tiny
 
 PROMPT = 'Change the sign to "OPEN" and make it glow!'
 FP8_COSINE_MIN = 0.97
 FP8_COSINE_MEAN = 0.99
 """Per-token cosine similarity of fp8_scaled (per-tensor e4m3 scales) vs float32 embeddings of the tiny model:
 worst token and mean over the kept tokens."""
-
-
-@pytest.fixture(scope="module")
-def tiny_assets(tmp_path_factory, qwen_tokenizer_dir):
-    return session_assets(tmp_path_factory, qwen_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder(tiny_assets):
-    return session_encoder(tiny_assets)
 
 
 @pytest.fixture(scope="module")

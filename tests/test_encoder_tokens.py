@@ -6,11 +6,11 @@ import json
 
 import pytest
 
+from helpers import seeded_image
 from step1x.encoder import build_inputs, load_tokenizer, make_image_processor
 from step1x.encoder.template import QUOTE_CHARS, QUOTE_MIN_INDEX, STEP1X_PREFIX, chat_text, split_quoted
 from step1x.encoder.tokens import piece_ids
 from step1x.geometry import resize_to_size_level
-from tiny_qwen import seeded_image
 
 CASE_FIELDS = ("input_ids", "attention_mask", "image_grid_thw", "num_image_pad_tokens", "kept_hidden_state_range")
 

@@ -2,14 +2,24 @@
 convention, masks, batches, progress and Cancel, and what every node declares."""
 
 import importlib
+import subprocess
+import sys
 
 import pytest
 import torch
-from test_nodes_support import (  # noqa: F401  (pytest fixtures)
-    PACK_NAME, ROOT, STEPS, bind, bridge, dit, fake_embeds, image, lib, load_pack, mllm, model_names, pack, run_node,
-    sample, vae,
-)
 
+from node_support import (
+    PACK_NAME,
+    ROOT,
+    STEPS,
+    bind,
+    fake_embeds,
+    image,
+    lib,
+    load_pack,
+    run_node,
+    sample,
+)
 
 # ------------------------------------------------------------------------------------------ declarations
 
@@ -187,12 +197,9 @@ def test_every_weight_can_stay_offloaded_under_lowvram(dit, vae):
 
 
 def test_the_pack_imports_without_comfyui_or_optional_packages():
-    import subprocess
-    import sys
-
     blocked = ["comfy", "folder_paths", "latent_preview", "transformers", "xformers", "flash_attn"]
     code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r}));"
-            "from test_nodes_support import load_pack; print(len(load_pack().NODE_CLASS_MAPPINGS))")
+            "from node_support import load_pack; print(len(load_pack().NODE_CLASS_MAPPINGS))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             cwd=ROOT / "tests", env={"PATH": "", "PYTHONPATH": str(ROOT / "tests")})
     assert result.returncode == 0, result.stderr

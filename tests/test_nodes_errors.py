@@ -4,9 +4,8 @@ import math
 
 import pytest
 import torch
-from test_nodes_support import (  # noqa: F401  (pytest fixtures)
-    bind, bridge, dit, fake_embeds, image, model_names, pack, run_node, sample, vae,
-)
+
+from node_support import bind, fake_embeds, image, run_node, sample
 
 REFERENCE = {"samples": torch.zeros(1, 16, 6, 8)}
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cli_assets import seeded_image, tiny_models  # noqa: F401
 
+from helpers import seeded_image
 from step1x.model_files import ModelFilesError
 from step1x.pipeline import EditOptions, Step1XPipeline
 

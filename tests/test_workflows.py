@@ -5,20 +5,10 @@ links (both formats)."""
 import json
 
 import pytest
-from test_nodes_support import ROOT, load_pack
 
-WORKFLOWS = ROOT / "workflows"
+from node_support import BUILTINS, WORKFLOWS, api_files, load_pack, ui_files
+
 SCALARS = ("INT", "FLOAT", "STRING", "BOOLEAN")
-
-BUILTINS = {
-    # class_type: (inputs in order as (name, type), output types). A list type is a combo (a widget).
-    "LoadImage": ([("image", [])], ("IMAGE", "MASK")),
-    "SaveImage": ([("images", "IMAGE"), ("filename_prefix", "STRING")], ()),
-    "VAELoader": ([("vae_name", [])], ("VAE",)),
-    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], ("IMAGE",)),
-    "EmptySD3LatentImage": ([("width", "INT"), ("height", "INT"), ("batch_size", "INT")], ("LATENT",)),
-}
-"""The ComfyUI built-in nodes the workflows may use (checked against the real ComfyUI in test_comfyui_server)."""
 
 FRONTEND_ONLY = {"Note": 1, "MarkdownNote": 1}
 """Frontend-only node types (not in the API format) and their number of widget values."""
@@ -52,14 +42,6 @@ def widget_value_count(class_type, inputs) -> int:
             if kind == "INT" and (options.get("control_after_generate") or name in ("seed", "noise_seed")):
                 count += 1
     return count
-
-
-def ui_files():
-    return sorted(p for p in WORKFLOWS.glob("*.json") if "nodes" in json.loads(p.read_text(encoding="utf-8")))
-
-
-def api_files():
-    return sorted(p for p in WORKFLOWS.glob("*.json") if "nodes" not in json.loads(p.read_text(encoding="utf-8")))
 
 
 def test_the_promised_workflows_exist():

@@ -1,15 +1,13 @@
-"""Tiny Qwen2.5-VL assets for the encoder tests: an HF folder, ComfyUI-layout single files (full
-precision and fp8_scaled), and seeded images. Built once per session from the real tokenizer files."""
+"""Tiny Qwen2.5-VL assets for the encoder tests: an HF folder and ComfyUI-layout single files (full
+precision and fp8_scaled). The ``tiny_assets`` and ``tiny_encoder`` fixtures in ``conftest.py`` build them
+once per session from the real tokenizer files."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from step1x.encoder import keys as K
@@ -84,36 +82,11 @@ def build_assets(root: Path, tokenizer_dir: Path) -> TinyAssets:
     return TinyAssets(folder, single, fp8_file, dequantized, tokenizer_dir, state)
 
 
-def seeded_image(width: int, height: int, seed: int | None = None) -> Image.Image:
-    """Uniform random RGB pixels from ``numpy.random.default_rng(seed)``; the official token fixtures
-    used seed ``W*7+H``."""
-    rng = np.random.default_rng(width * 7 + height if seed is None else seed)
-    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8), mode="RGB")
-
-
 def load_tiny(path: Path, assets: TinyAssets, **kwargs):
+    """Load one of the tiny folders or files (float32 unless told), giving a single file the tiny config and
+    the tokenizer it lacks."""
     kwargs.setdefault("dtype", torch.float32)
     if path.is_file():
         kwargs.setdefault("tokenizer_dir", assets.tokenizer_dir)
         kwargs.setdefault("config", TINY_QWEN25_VL)
     return load_text_encoder(path, **kwargs)
-
-
-_ASSETS: dict[str, TinyAssets] = {}
-_ENCODERS: dict[str, object] = {}
-
-
-def session_assets(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> TinyAssets:
-    """The tiny assets, built once per test session."""
-    key = str(tokenizer_dir)
-    if key not in _ASSETS:
-        _ASSETS[key] = build_assets(tmp_path_factory.mktemp("tiny_qwen"), tokenizer_dir)
-    return _ASSETS[key]
-
-
-def session_encoder(assets: TinyAssets):
-    """The tiny model loaded from its HF folder in float32, once per test session."""
-    key = str(assets.folder)
-    if key not in _ENCODERS:
-        _ENCODERS[key] = load_tiny(assets.folder, assets)
-    return _ENCODERS[key]

@@ -1,19 +1,31 @@
-"""Shared helpers for the node tests (no tests here): loading the pack the way ComfyUI does, and writing
-tiny model files in ComfyUI's folder layout."""
+"""Plain helpers for the node tests (no fixtures, no tests: the fixtures are in ``conftest.py``): loading
+the pack the way ComfyUI does, writing tiny model files in ComfyUI's folder layout, calling nodes, and the
+example workflows with the ComfyUI built-ins they use."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "step1x_edit_pack"
+WORKFLOWS = ROOT / "workflows"
+
+BUILTINS = {
+    # class_type: (inputs in order as (name, type), output types). A list type is a combo (a widget).
+    "LoadImage": ([("image", [])], ("IMAGE", "MASK")),
+    "SaveImage": ([("images", "IMAGE"), ("filename_prefix", "STRING")], ()),
+    "VAELoader": ([("vae_name", [])], ("VAE",)),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], ("IMAGE",)),
+    "EmptySD3LatentImage": ([("width", "INT"), ("height", "INT"), ("batch_size", "INT")], ("LATENT",)),
+}
+"""The ComfyUI built-in nodes the workflows may use (checked against the real ComfyUI in test_comfyui_server)."""
 
 
 def load_pack():
@@ -71,50 +83,20 @@ def write_tiny_models(root: Path, tokenizer: Path) -> dict[str, str]:
             "mllm": "tiny-qwen25-vl"}
 
 
-# ---------------------------------------------------------------------------------------------- fixtures
+def ui_files() -> list[Path]:
+    """The workflows in the UI format (with a ``nodes`` list)."""
+    return sorted(p for p in WORKFLOWS.glob("*.json") if "nodes" in json.loads(p.read_text(encoding="utf-8")))
 
 
-@pytest.fixture(scope="session")
-def pack():
-    return load_pack()
-
-
-@pytest.fixture(scope="session")
-def bridge(pack):
-    return importlib.import_module(f"{PACK_NAME}.nodes._comfy")
-
-
-@pytest.fixture(scope="session")
-def model_names(tmp_path_factory, bridge):
-    """Tiny model files in a models folder registered with the headless bridge."""
-    root = tmp_path_factory.mktemp("models")
-    names = write_tiny_models(root, tokenizer_for_tests(tmp_path_factory.mktemp("tokenizer")))
-    for kind in ("diffusion_models", "vae", "text_encoders"):
-        bridge.register_model_folder(kind, root / kind)
-    yield names
-    bridge.clear_model_folders()
+def api_files() -> list[Path]:
+    """The workflows in the API format (a prompt: node id -> class_type and inputs)."""
+    return sorted(p for p in WORKFLOWS.glob("*.json") if "nodes" not in json.loads(p.read_text(encoding="utf-8")))
 
 
 def run_node(pack, node_id: str, **inputs):
     """Call a node the way ComfyUI's executor does: a fresh instance, its FUNCTION with keyword inputs."""
     cls = pack.NODE_CLASS_MAPPINGS[node_id]
     return getattr(cls(), cls.FUNCTION)(**inputs)
-
-
-@pytest.fixture(scope="session")
-def dit(pack, model_names):
-    return run_node(pack, "Step1XEditDiTLoader", unet_name=model_names["dit"], weight_dtype="default",
-                    attention="auto")[0]
-
-
-@pytest.fixture(scope="session")
-def vae(pack, model_names):
-    return run_node(pack, "Step1XEditVAELoader", vae_name=model_names["vae"])[0]
-
-
-@pytest.fixture(scope="session")
-def mllm(pack, model_names):
-    return run_node(pack, "Step1XEditMLLMLoader", mllm_name=model_names["mllm"], dtype="fp32", device="default")[0]
 
 
 def fake_embeds(pack, hidden: int = 64, working=(64, 48), batch: int = 1, length: int = 24, seed: int = 0):
