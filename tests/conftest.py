@@ -49,8 +49,9 @@ def tiny_dit():
     from step1x.configs import TINY_DIT, with_version
     from step1x.model import Step1XEdit
 
-    torch.manual_seed(0)
-    return Step1XEdit(with_version(TINY_DIT, "v1.1"), dtype=torch.float32).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Step1XEdit(with_version(TINY_DIT, "v1.1"), dtype=torch.float32).eval()
 
 
 @pytest.fixture()

@@ -63,18 +63,18 @@ def write_tiny_models(root: Path, tokenizer: Path) -> dict[str, str]:
     Step1XEdit, AutoEncoder = lib("model").Step1XEdit, lib("autoencoder").AutoEncoder
     for sub in ("diffusion_models", "vae", "text_encoders"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    params = tiny.tiny_dit_params(tiny_qwen.TINY_QWEN25_VL["hidden_size"])
-    state = Step1XEdit(params).state_dict()
+    params, narrow = tiny.tiny_dit_params(tiny_qwen.TINY_QWEN25_VL["hidden_size"]), tiny.tiny_dit_params(48)
+    with torch.random.fork_rng(devices=[]):  # seeded weights, and the global generator left as it was
+        torch.manual_seed(0)
+        state = Step1XEdit(params).state_dict()
+        narrow_state = Step1XEdit(narrow).state_dict()
+        vae_state = AutoEncoder(configs.TINY_VAE).state_dict()
     loading.save_with_config(state, root / "diffusion_models" / "step1x_tiny.safetensors", params)
-    narrow = tiny.tiny_dit_params(48)
-    loading.save_with_config(Step1XEdit(narrow).state_dict(), root / "diffusion_models" / "step1x_tiny_w48.safetensors",
-                             narrow)
+    loading.save_with_config(narrow_state, root / "diffusion_models" / "step1x_tiny_w48.safetensors", narrow)
     flux = {k: v for k, v in state.items() if not k.startswith("connector.")}
     flux["guidance_in.in_layer.weight"] = torch.zeros(64, 256)
     save_file(flux, str(root / "diffusion_models" / "flux1-dev-tiny.safetensors"))
-    loading.save_with_config(AutoEncoder(configs.TINY_VAE).state_dict(), root / "vae" / "ae_tiny.safetensors",
-                             configs.TINY_VAE)
+    loading.save_with_config(vae_state, root / "vae" / "ae_tiny.safetensors", configs.TINY_VAE)
     save_file({"encoder.conv_in.weight": torch.zeros(32, 3, 3, 3), "encoder.conv_out.weight": torch.zeros(8, 32, 3, 3),
                "decoder.conv_in.weight": torch.zeros(32, 4, 3, 3)}, str(root / "vae" / "sdxl_vae.safetensors"))
     tiny_qwen.build_tiny_qwen_folder(root / "text_encoders" / "tiny-qwen25-vl", tokenizer)
@@ -128,4 +128,10 @@ def sample(pack, dit, conditioning, seed=1, steps=STEPS, cfg=6.0, renorm_thresho
 
 
 def image(width, height, batch=1, seed=0):
+    """A seeded IMAGE tensor (batch, height, width, 3) in [0, 1]."""
     return torch.rand(batch, height, width, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def random_latent(batch=1, seed=0):
+    """A seeded 16-channel LATENT tensor of a 64x48 image (batch, 16, 6, 8)."""
+    return torch.randn(batch, 16, 6, 8, generator=torch.Generator().manual_seed(seed))

@@ -17,6 +17,7 @@ from node_support import (
     image,
     lib,
     load_pack,
+    random_latent,
     run_node,
     sample,
 )
@@ -80,7 +81,7 @@ def test_text_to_image_uses_the_same_nodes(pack, dit, vae, mllm):
 
 def test_sampler_is_the_library_sampler_and_returns_raw_latents(pack, dit):
     embeds = fake_embeds(pack)
-    reference = torch.randn(1, 16, 6, 8)
+    reference = random_latent()
     latent = sample(pack, dit, bind(pack, dit, embeds), seed=7, reference_latent={"samples": reference})["samples"]
     sampling = lib("sampling")
     with torch.no_grad():
@@ -125,7 +126,7 @@ def test_our_vae_speaks_the_comfyui_vae_interface(vae):
 
 
 def test_outside_the_mask_the_result_keeps_the_reference(pack, dit):
-    reference = torch.randn(1, 16, 6, 8)
+    reference = random_latent()
     mask = torch.zeros(1, 48, 64)
     mask[:, :, :32] = 1.0
     latent = sample(pack, dit, bind(pack, dit, fake_embeds(pack)), reference_latent={"samples": reference},
@@ -135,7 +136,7 @@ def test_outside_the_mask_the_result_keeps_the_reference(pack, dit):
 
 
 def test_batch_size_gives_several_results_per_reference(pack, dit):
-    references = torch.randn(2, 16, 6, 8)
+    references = random_latent(batch=2)
     latent = sample(pack, dit, bind(pack, dit, fake_embeds(pack)), batch_size=2,
                     reference_latent={"samples": references})["samples"]
     assert latent.shape == (4, 16, 6, 8)
@@ -143,7 +144,7 @@ def test_batch_size_gives_several_results_per_reference(pack, dit):
 
 
 def test_img2img_starts_from_the_init_latent(pack, dit):
-    reference, init = torch.randn(1, 16, 6, 8), torch.randn(1, 16, 6, 8)
+    reference, init = random_latent(seed=0), random_latent(seed=1)
     conditioning = bind(pack, dit, fake_embeds(pack))
     runs = [sample(pack, dit, conditioning, denoise=0.4, steps=5, reference_latent={"samples": reference},
                    init_latent={"samples": start})["samples"] for start in (init, init, reference)]
@@ -163,7 +164,7 @@ def test_progress_reports_each_step_and_cancel_stops_between_steps(pack, dit, br
     try:
         with pytest.raises(bridge.Interrupted):
             sample(pack, dit, bind(pack, dit, fake_embeds(pack)), steps=6,
-                   reference_latent={"samples": torch.randn(1, 16, 6, 8)})
+                   reference_latent={"samples": random_latent()})
     finally:
         bridge.set_progress_hook(None)
         bridge.request_interrupt(False)
