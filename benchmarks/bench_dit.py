@@ -40,7 +40,8 @@ def small_params(hidden: int, heads: int, double: int, single: int, text_hidden:
     return replace(
         STEP1X_EDIT, hidden_size=hidden, num_heads=heads, depth=double, depth_single_blocks=single,
         context_in_dim=text_hidden,
-        connector=ConnectorParams(in_channels=text_hidden, hidden_size=text_hidden, num_heads=max(1, text_hidden // 128)),
+        connector=ConnectorParams(in_channels=text_hidden, hidden_size=text_hidden,
+                                  num_heads=max(1, text_hidden // 128)),
     )
 
 
@@ -175,7 +176,8 @@ def main() -> None:
             proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True,
                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if proc.returncode:
-                print(f"| {backend} | {dtype} | failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else '?'} |")
+                reason = proc.stderr.strip().splitlines()[-1] if proc.stderr else "?"
+                print(f"| {backend} | {dtype} | failed: {reason} |")
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             print(f"| {backend} | {dtype} | {r['params_m']:.0f} | {r['weights_mb']:.0f} | {r['step_s']:.2f} | "

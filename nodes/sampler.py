@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from ..step1x.graph_io import (
-    batch_of, check_image, check_latent, check_settings, latent_from_model_space, latent_to_model_space,
-    mask_to_latent, repeat_rows, resize_images,
-)
 from ..step1x import sampling
+from ..step1x.graph_io import (
+    batch_of,
+    check_image,
+    check_latent,
+    check_settings,
+    latent_from_model_space,
+    latent_to_model_space,
+    mask_to_latent,
+    repeat_rows,
+    resize_images,
+)
 from ..step1x.sampling import TextConditioning, make_noise
 from . import _comfy as bridge
 from .sockets import CATEGORY, CONDITIONING, DIT

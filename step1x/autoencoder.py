@@ -63,7 +63,8 @@ class ResnetBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int, *, dtype=None, device=None, operations=CastOps):
         super().__init__()
-        self.conv = operations.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0, dtype=dtype, device=device)
+        self.conv = operations.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0, dtype=dtype,
+                                      device=device)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0))
@@ -72,7 +73,8 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int, *, dtype=None, device=None, operations=CastOps):
         super().__init__()
-        self.conv = operations.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1, dtype=dtype, device=device)
+        self.conv = operations.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1, dtype=dtype,
+                                      device=device)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -15,8 +15,7 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .model_files import (COMFY_VAE_FILE, DIT_FILES, DIT_REPO, MLLM_FOLDER, MLLM_REPO, VAE_FILE,
-                          is_comfyui_root)
+from .model_files import COMFY_VAE_FILE, DIT_FILES, DIT_REPO, MLLM_FOLDER, MLLM_REPO, VAE_FILE, is_comfyui_root
 
 MLLM_PATTERNS = ("*.json", "*.safetensors", "merges.txt", "vocab.json")
 """Files of the Qwen2.5-VL-7B-Instruct repository the editor needs: config, tokenizer and weights."""
@@ -207,7 +206,8 @@ def manual_instructions(plan: DownloadPlan, reason: str) -> str:
                          f"vocab.json) and every *.safetensors shard{approx}\n      -> {f.target}/")
         else:
             lines.append(f"  https://huggingface.co/{f.repo}/resolve/main/{f.filename}{approx}\n      -> {f.target}")
-    lines.append("Then check the install with `python -m step1x edit --models ...` (see the README's Command line section).")
+    lines.append("Then check the install with `python -m step1x edit --models ...` "
+                 "(see the README's Command line section).")
     return "\n".join(lines)
 
 

@@ -46,7 +46,8 @@ def load_image(path: str | os.PathLike, exif_transpose: bool = True) -> Image.Im
     except FileNotFoundError:
         raise ImageReadError(f"image file not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"cannot read image {path}: {exc}. Check that it is a complete PNG/JPEG/WebP file.") from None
+        raise ImageReadError(
+            f"cannot read image {path}: {exc}. Check that it is a complete PNG/JPEG/WebP file.") from None
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

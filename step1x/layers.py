@@ -191,7 +191,8 @@ class LastLayer(nn.Module):
         kw = dict(dtype=dtype, device=device)
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = operations.Linear(hidden_size, out_channels, bias=True, **kw)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), operations.Linear(hidden_size, 2 * hidden_size, bias=True, **kw))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(),
+                                              operations.Linear(hidden_size, 2 * hidden_size, bias=True, **kw))
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)

@@ -136,7 +136,8 @@ def _dit_params(header: Header, prefix: str) -> DiTParams:
         try:
             return DiTParams.from_dict(json.loads(meta))
         except (ValueError, TypeError, KeyError) as exc:
-            raise CheckpointError(f"{header.path.name}: its {CONFIG_METADATA_KEY} metadata is invalid ({exc})") from None
+            raise CheckpointError(
+                f"{header.path.name}: its {CONFIG_METADATA_KEY} metadata is invalid ({exc})") from None
     keys = [k[len(prefix):] for k in header.tensors if k.startswith(prefix)]
     s = lambda key: _shape(header, prefix, key)  # noqa: E731
     try:
@@ -319,7 +320,8 @@ def load_vae(path: str | os.PathLike, *, device: torch.device | str = "cpu", dty
 # ---------------------------------------------------------------------------------------------- saving
 
 
-def save_with_config(state: dict[str, torch.Tensor], path: str | os.PathLike, params: DiTParams | AutoEncoderParams) -> None:
+def save_with_config(state: dict[str, torch.Tensor], path: str | os.PathLike,
+                     params: DiTParams | AutoEncoderParams) -> None:
     """Write a checkpoint with its config in the metadata (for sizes whose config cannot be inferred)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(tensors, str(path), metadata={CONFIG_METADATA_KEY: json.dumps(params.to_dict())})

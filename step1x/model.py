@@ -83,7 +83,8 @@ class Step1XEdit(nn.Module):
         """Everything after the connector: ``txt`` are its tokens, ``y`` its pooled vector. ``cache``
         (TeaCache) may skip the blocks on steps whose input barely changed."""
         if img.ndim != 3 or txt.ndim != 3:
-            raise ValueError(f"img and txt must be (batch, tokens, channels); got {tuple(img.shape)}, {tuple(txt.shape)}")
+            raise ValueError(
+                f"img and txt must be (batch, tokens, channels); got {tuple(img.shape)}, {tuple(txt.shape)}")
         img = self.img_in(img)
         vec = self.time_in(timestep_embedding(timesteps, 256, time_factor=1000.0).to(timesteps))
         vec = vec + self.vector_in(y)

@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from step1x.sampling import (
-    StepInfo, TextConditioning, denoise, get_schedule, make_noise, pack, position_ids, start_index, unpack,
+    StepInfo,
+    TextConditioning,
+    denoise,
+    get_schedule,
+    make_noise,
+    pack,
+    position_ids,
+    start_index,
+    unpack,
 )
 
 

@@ -82,7 +82,7 @@ def test_ui_workflow_matches_the_node_definitions(path):
             f"expected {widget_value_count(kind, inputs)}")
         _check_widget_values(path.name, kind, inputs, node.get("widgets_values", []))
         assert [o["type"] for o in node["outputs"]] == list(outputs), f"{path.name}: {kind} outputs"
-    for link_id, src, src_slot, dst, dst_slot, link_type in wf["links"]:
+    for link_id, src, src_slot, dst, dst_slot, _link_type in wf["links"]:
         assert link_id in nodes[src]["outputs"][src_slot]["links"], f"{path.name}: link {link_id} not on its output"
         assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
 
