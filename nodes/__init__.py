@@ -4,12 +4,14 @@ its display name."""
 from .conditioning import Connector, InstructionEncode
 from .image import Resize, RestoreSize, VaeDecode, VaeEncode
 from .loaders import DiTLoader, MllmLoader, VaeLoader
+from .lora import LoraLoader
 from .sampler import Sampler
 
 NODE_CONFIG = {
     "Step1XEditDiTLoader": {"class": DiTLoader, "name": "Step1X-Edit DiT Loader"},
     "Step1XEditMLLMLoader": {"class": MllmLoader, "name": "Step1X-Edit MLLM Loader"},
     "Step1XEditVAELoader": {"class": VaeLoader, "name": "Step1X-Edit VAE Loader"},
+    "Step1XEditLoraLoader": {"class": LoraLoader, "name": "Step1X-Edit LoRA Loader"},
     "Step1XEditInstructionEncode": {"class": InstructionEncode, "name": "Step1X-Edit Instruction Encode"},
     "Step1XEditConnector": {"class": Connector, "name": "Step1X-Edit Connector"},
     "Step1XEditSampler": {"class": Sampler, "name": "Step1X-Edit Sampler"},

@@ -108,13 +108,35 @@ def operations():
 
 
 class HeadlessPatcher:
-    """What the nodes use of ComfyUI's ModelPatcher: the module and its devices."""
+    """What the nodes use of ComfyUI's ModelPatcher: the module, its devices, and clones that share the
+    module but carry their own LoRAs (applied when the clone is loaded, as ComfyUI applies patches)."""
 
     def __init__(self, model: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
         self.model, self.load_device, self.offload_device = model, load_device, offload_device
+        self.loras: list = []
 
     def model_size(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+
+    def clone(self) -> "HeadlessPatcher":
+        clone = HeadlessPatcher(self.model, self.load_device, self.offload_device)
+        clone.loras = list(self.loras)
+        return clone
+
+    def apply_loras(self) -> None:
+        """Bring the shared module to this patcher's LoRAs, taking off those of another clone first."""
+        from ..step1x.lora import apply_lora
+
+        applied, handles = getattr(self.model, "_step1x_loras", ([], []))
+        same = len(applied) == len(self.loras) and all(
+            a[0] is b[0] and a[1] == b[1] for a, b in zip(applied, self.loras, strict=True))
+        if same:
+            return
+        for handle in reversed(handles):
+            handle.remove()
+        handles = [apply_lora(self.model, patch, strength, backup_device=self.offload_device)
+                   for patch, strength in self.loras]
+        self.model._step1x_loras = (list(self.loras), handles)
 
 
 class ModuleHolder(torch.nn.Module):
@@ -143,6 +165,34 @@ def load(patchers: list, memory_required: int = 0, full: bool = False) -> None:
         return
     for patcher in patchers:
         patcher.model.to(patcher.load_device)
+        if isinstance(patcher, HeadlessPatcher):
+            patcher.apply_loras()
+
+
+def add_lora(patcher, patch, strength: float):
+    """A clone of ``patcher`` that changes its model by ``patch`` (a :class:`step1x.lora.LoraPatch`) at
+    ``strength`` whenever it is loaded; ``patcher`` itself stays as it is. In ComfyUI the modules become
+    weight patches, which ComfyUI applies and removes itself (fp8 and --lowvram included)."""
+    clone = patcher.clone()
+    if not IN_COMFYUI:
+        clone.loras.append((patch, strength))
+        return clone
+    patches = {m.target: _comfy_lora(m) for m in patch.modules}
+    missing = set(patches) - set(clone.add_patches(patches, strength))
+    if missing:
+        raise ValueError(f"{patch.name}: the model has no weights {', '.join(sorted(missing)[:3])}; "
+                         "load the LoRA onto the Step1X-Edit DiT it was made for")
+    return clone
+
+
+def _comfy_lora(module):
+    """A ComfyUI LoRA weight adapter; ComfyUI computes ``alpha / rank``, so alpha is ``scale * rank``."""
+    weights = (module.up, module.down, module.scale * module.rank, None, None, None)
+    try:
+        from comfy.weight_adapter import LoRAAdapter
+    except ImportError:  # ComfyUI before weight adapters
+        return ("lora", weights)
+    return LoRAAdapter(set(), weights)
 
 
 # ----------------------------------------------------------------------------------------- model files
