@@ -37,6 +37,8 @@ def _edit_parser(sub) -> None:
     m.add_argument("--tokenizer", help="Qwen2.5 tokenizer folder, when --mllm is a single file")
     m.add_argument("--version", choices=("v1.0", "v1.1"), help="which DiT to pick from --models (default: v1.1 "
                    "if present); the version of the file itself is detected")
+    m.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="a LoRA for the DiT, at strength 1.0 unless given (e.g. hands.safetensors:0.8); repeatable")
 
     s = p.add_argument_group("sampling")
     s.add_argument("--steps", type=int, default=28)

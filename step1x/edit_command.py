@@ -6,15 +6,20 @@ Exit codes: 0 all written, 1 some images failed (or the run was interrupted), 2 
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from argparse import Namespace
+from pathlib import Path
 
 import torch
 
 from .batch import BatchReport, run_batch
 from .geometry import check_dims
 from .jobs import JobError, edit_jobs, prepare_output_dir, read_prompts, single_edit_job, t2i_jobs
+from .loading import inspect_dit
+from .lora import check_lora
+from .model import Step1XEdit
 from .model_files import resolve_models
 from .pipeline import EditOptions, Step1XPipeline, default_device
 
@@ -77,14 +82,42 @@ def plan_jobs(args: Namespace):
     return [single_edit_job(args.image, args.prompt, args.output_dir, args.format)], None
 
 
-def load_pipeline(args: Namespace) -> Step1XPipeline:
+def parse_lora(value: str) -> tuple[Path, float]:
+    """``FILE[:STRENGTH]`` -> (file, strength); a colon not followed by a number is part of the name."""
+    name, colon, tail = value.rpartition(":")
+    if colon and name:
+        try:
+            strength = float(tail)
+        except ValueError:
+            return Path(value), 1.0
+        if not math.isfinite(strength):
+            raise UsageError(f"--lora {value}: the strength must be a finite number, e.g. {name}:0.8")
+        return Path(name), strength
+    return Path(value), 1.0
+
+
+def check_loras(values: list[str], dit: Path) -> list[tuple[Path, float]]:
+    """Parse the ``--lora`` values and check each file against the DiT's layers, before any model loads."""
+    loras = [parse_lora(v) for v in values]
+    if loras:
+        with torch.device("meta"):
+            model = Step1XEdit(inspect_dit(dit).params)
+        for (path, _), value in zip(loras, values, strict=True):
+            try:
+                check_lora(path, model)
+            except ValueError as exc:
+                raise UsageError(f"--lora {value}: {exc}") from None
+    return loras
+
+
+def load_pipeline(args: Namespace, loras: list[tuple[Path, float]] = ()) -> Step1XPipeline:
     device = parse_device(args.device)
     mllm_device = parse_device(args.mllm_device) if args.mllm_device else None
     return Step1XPipeline.from_folder(
         args.models, version=args.version, dit=args.dit, vae=args.vae, mllm=args.mllm, tokenizer_dir=args.tokenizer,
         device=device, mllm_device=mllm_device, compute_dtype=DTYPES[args.dtype],
         mllm_dtype=DTYPES[args.mllm_dtype] if args.mllm_dtype else None, weight_dtype=args.weight_dtype,
-        attention=args.attention, offload=args.offload,
+        attention=args.attention, offload=args.offload, loras=loras,
     )
 
 
@@ -96,7 +129,8 @@ def run_edit(args: Namespace) -> int:
     try:
         options = options_from(args)
         jobs, input_dir = plan_jobs(args)
-        resolve_models(args.models, version=args.version, dit=args.dit, vae=args.vae, mllm=args.mllm)
+        paths = resolve_models(args.models, version=args.version, dit=args.dit, vae=args.vae, mllm=args.mllm)
+        loras = check_loras(args.lora, paths.dit)
         prepare_output_dir(args.output_dir, jobs, input_dir, overwrite=args.overwrite)
     except (UsageError, JobError, ValueError, OSError) as exc:
         _say(f"error: {exc}")
@@ -110,7 +144,7 @@ def run_edit(args: Namespace) -> int:
              f"{' ...' if len(missing) > 5 else ''}")
     t0 = time.perf_counter()
     try:
-        pipe = load_pipeline(args)
+        pipe = load_pipeline(args, loras)
     except (UsageError, ValueError, OSError, RuntimeError) as exc:
         _say(f"error: {exc}")
         return 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -19,6 +19,7 @@ from .configs import T2I_NEGATIVE_PROMPT
 from .geometry import check_dims, resize_to_size_level, restore_size
 from .image_io import pil_to_tensor, tensor_to_pil
 from .loading import inspect_dit, load_dit, load_vae
+from .lora import LoraHandle, apply_lora, load_lora
 from .model import Step1XEdit
 from .model_files import ModelFilesError, resolve_models
 from .sampling import StepInfo, TextConditioning, autocast_for, denoise, make_noise
@@ -105,22 +106,29 @@ class Step1XPipeline:
         self.offload = offload
         self.offload_encoder = offload if offload_encoder is None else offload_encoder
         """Move the MLLM to ``device`` for encoding; off when it was given a device of its own."""
+        self.loras: list[LoraHandle] = []
 
     @classmethod
     def from_files(cls, dit: str | Path, vae: str | Path, mllm: str | Path, *, tokenizer_dir: str | Path | None = None,
                    device: torch.device | str | None = None, mllm_device: torch.device | str | None = None,
                    compute_dtype: torch.dtype = torch.bfloat16, mllm_dtype: torch.dtype | None = None,
-                   weight_dtype: str = "default", attention: str = "auto", offload: bool = False) -> "Step1XPipeline":
+                   weight_dtype: str = "default", attention: str = "auto", offload: bool = False,
+                   loras: Sequence[tuple[str | Path, float]] = ()) -> "Step1XPipeline":
+        """``loras``: (file, strength) pairs applied to the DiT in order (see :meth:`add_lora`)."""
         from .encoder import load_text_encoder
 
         device = torch.device(device or default_device())
         home = torch.device("cpu") if offload else device
         model = load_dit(dit, device=home, compute_dtype=compute_dtype, weight_dtype=weight_dtype, attention=attention)
+        patches = [(load_lora(path, model), strength) for path, strength in loras]
         ae = load_vae(vae, device=home, dtype=torch.float32)
         text = load_text_encoder(mllm, tokenizer_dir=tokenizer_dir, device=torch.device(mllm_device or home),
                                  dtype=mllm_dtype or compute_dtype)
-        return cls(model, ae, text, device=device, compute_dtype=compute_dtype, offload=offload,
+        pipe = cls(model, ae, text, device=device, compute_dtype=compute_dtype, offload=offload,
                    offload_encoder=offload and mllm_device is None)
+        for patch, strength in patches:
+            pipe.loras.append(apply_lora(model, patch, strength))
+        return pipe
 
     @classmethod
     def from_folder(cls, folder: str | Path | None = None, *, version: str | None = None,
@@ -133,6 +141,13 @@ class Step1XPipeline:
         if version is not None and found != version:
             raise ModelFilesError(f"{paths.dit.name} is Step1X-Edit {found}, but version {version} was asked for")
         return cls.from_files(paths.dit, paths.vae, paths.mllm, tokenizer_dir=paths.tokenizer, **kwargs)
+
+    def add_lora(self, path: str | Path, strength: float = 1.0) -> LoraHandle:
+        """Apply a LoRA file to the DiT: merged into 16/32-bit weights, beside fp8 weights as a low-rank
+        branch (see :func:`step1x.lora.apply_lora`). ``handle.remove()`` takes it off again."""
+        handle = apply_lora(self.dit, load_lora(path, self.dit), strength)
+        self.loras.append(handle)
+        return handle
 
     @property
     def version(self) -> str:
@@ -156,7 +171,8 @@ class Step1XPipeline:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def encode_prompts(self, image: Image.Image, prompt: str, negative: str) -> tuple[TextConditioning, TextConditioning]:
+    def encode_prompts(self, image: Image.Image, prompt: str,
+                       negative: str) -> tuple[TextConditioning, TextConditioning]:
         encoder = self.encoder
         moved = self.offload_encoder and encoder.device.type == "cpu"
         if moved:
@@ -190,7 +206,8 @@ class Step1XPipeline:
         return restore_size(result, original_size) if options.restore_size else result
 
     def text_to_image(self, prompt: str, width: int = 1024, height: int = 1024, options: EditOptions | None = None,
-                      callback: Callable[[StepInfo], None] | None = None, timings: Timings | None = None) -> Image.Image:
+                      callback: Callable[[StepInfo], None] | None = None,
+                      timings: Timings | None = None) -> Image.Image:
         """Generate an image from text (v1.1). ``width``/``height`` must be multiples of 16."""
         import time
 
