@@ -40,7 +40,7 @@ def qwen_tokenizer_dir() -> Path:
     return _env_dir("STEP1X_QWEN_TOKENIZER", "a folder with the Qwen2.5 tokenizer files")
 
 
-# ------------------------------------------------------------------------------------- library: tiny DiT
+# ---------------------------------------------------------------------------------------- library: tiny DiT
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +68,7 @@ def tiny_text():
     return TextConditioning(emb[:1], mask[:1]), TextConditioning(emb[1:], mask[1:])
 
 
-# -------------------------------------------------------------------------- command line: tiny model set
+# ----------------------------------------------------------------------------- command line: tiny model set
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +83,7 @@ def tiny_models(tmp_path_factory) -> Path:
     return root / "models"
 
 
-# ------------------------------------------------------------------------ encoder: tiny Qwen2.5-VL assets
+# ---------------------------------------------------------------- encoder: image processor, tiny Qwen2.5-VL
 
 
 @pytest.fixture(scope="session")
@@ -95,6 +95,14 @@ def tiny_assets(tmp_path_factory, qwen_tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
+def image_processor():
+    """The Qwen2.5-VL image processor the encoder builds (no files needed)."""
+    from step1x.encoder import make_image_processor
+
+    return make_image_processor()
+
+
+@pytest.fixture(scope="session")
 def tiny_encoder(tiny_assets):
     """The tiny encoder loaded from its HF folder in float32."""
     from tiny_qwen import load_tiny
@@ -102,7 +110,7 @@ def tiny_encoder(tiny_assets):
     return load_tiny(tiny_assets.folder, tiny_assets)
 
 
-# ----------------------------------------------------------------------- nodes: the pack on tiny files
+# ---------------------------------------------------------------------------- nodes: the pack on tiny files
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image
 
 
@@ -11,3 +12,16 @@ def seeded_image(width: int, height: int, seed: int | None = None) -> Image.Imag
     the official token fixtures used."""
     rng = np.random.default_rng(width * 7 + height if seed is None else seed)
     return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8), mode="RGB")
+
+
+def flux_dev_state(step1x_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A FLUX.1-dev style DiT made from a Step1X-Edit state dict: no connector, and a guidance embedder."""
+    flux = {k: v for k, v in step1x_state.items() if not k.startswith("connector.")}
+    flux["guidance_in.in_layer.weight"] = torch.zeros(64, 256)
+    return flux
+
+
+def sd_vae_state() -> dict[str, torch.Tensor]:
+    """The tensors by which a 4-channel (SD/SDXL) VAE is told from the 16-channel FLUX VAE."""
+    return {"encoder.conv_in.weight": torch.zeros(32, 3, 3, 3), "encoder.conv_out.weight": torch.zeros(8, 32, 3, 3),
+            "decoder.conv_in.weight": torch.zeros(32, 4, 3, 3)}

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from helpers import flux_dev_state, sd_vae_state
+
 ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "step1x_edit_pack"
 WORKFLOWS = ROOT / "workflows"
@@ -71,12 +73,9 @@ def write_tiny_models(root: Path, tokenizer: Path) -> dict[str, str]:
         vae_state = AutoEncoder(configs.TINY_VAE).state_dict()
     loading.save_with_config(state, root / "diffusion_models" / "step1x_tiny.safetensors", params)
     loading.save_with_config(narrow_state, root / "diffusion_models" / "step1x_tiny_w48.safetensors", narrow)
-    flux = {k: v for k, v in state.items() if not k.startswith("connector.")}
-    flux["guidance_in.in_layer.weight"] = torch.zeros(64, 256)
-    save_file(flux, str(root / "diffusion_models" / "flux1-dev-tiny.safetensors"))
+    save_file(flux_dev_state(state), str(root / "diffusion_models" / "flux1-dev-tiny.safetensors"))
     loading.save_with_config(vae_state, root / "vae" / "ae_tiny.safetensors", configs.TINY_VAE)
-    save_file({"encoder.conv_in.weight": torch.zeros(32, 3, 3, 3), "encoder.conv_out.weight": torch.zeros(8, 32, 3, 3),
-               "decoder.conv_in.weight": torch.zeros(32, 4, 3, 3)}, str(root / "vae" / "sdxl_vae.safetensors"))
+    save_file(sd_vae_state(), str(root / "vae" / "sdxl_vae.safetensors"))
     tiny_qwen.build_tiny_qwen_folder(root / "text_encoders" / "tiny-qwen25-vl", tokenizer)
     return {"dit": "step1x_tiny.safetensors", "dit_w48": "step1x_tiny_w48.safetensors",
             "flux": "flux1-dev-tiny.safetensors", "vae": "ae_tiny.safetensors", "sdxl_vae": "sdxl_vae.safetensors",

@@ -10,17 +10,12 @@ import torch
 from PIL import Image
 
 from helpers import seeded_image
-from step1x.encoder import ImageInputError, make_image_processor
+from step1x.encoder import ImageInputError
 from step1x.encoder.image_chain import FETCH_RULE, fetch_image, pixel_inputs, processor_rule, smart_size
 from step1x.geometry import resize_to_size_level
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@pytest.fixture(scope="module")
-def image_processor():
-    return make_image_processor()
 
 
 def test_stage_sizes_match_official(official_dir):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from helpers import seeded_image
-from step1x.encoder import build_inputs, load_tokenizer, make_image_processor
+from step1x.encoder import build_inputs, load_tokenizer
 from step1x.encoder.template import QUOTE_CHARS, QUOTE_MIN_INDEX, STEP1X_PREFIX, chat_text, split_quoted
 from step1x.encoder.tokens import piece_ids
 from step1x.geometry import resize_to_size_level
@@ -23,11 +23,6 @@ def tokens(official_dir):
 @pytest.fixture(scope="module")
 def tokenizer(qwen_tokenizer_dir):
     return load_tokenizer(qwen_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def image_processor():
-    return make_image_processor()
 
 
 def test_prefix_and_layout_match_official(tokens):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import flux_dev_state, sd_vae_state
 from step1x.configs import TINY_DIT, ConnectorParams, DiTParams
 from step1x.loading import inspect_dit, load_dit, load_vae, save_with_config
 from step1x.model import Step1XEdit
@@ -100,9 +101,7 @@ def test_an_fp8_file_can_be_upcast_on_load(tmp_path, dit_sd):
 
 
 def test_flux_checkpoint_as_dit_is_refused_by_name(tmp_path, dit_sd):
-    flux = {k: v for k, v in dit_sd.items() if not k.startswith("connector.")}
-    flux["guidance_in.in_layer.weight"] = torch.zeros(64, 256)
-    save_file(flux, str(tmp_path / "flux1-dev.safetensors"))
+    save_file(flux_dev_state(dit_sd), str(tmp_path / "flux1-dev.safetensors"))
     with pytest.raises(CheckpointError, match=r"flux1-dev\.safetensors is a FLUX\.1-dev style DiT.*not a Step1X-Edit"):
         load_dit(tmp_path / "flux1-dev.safetensors")
 
@@ -157,8 +156,7 @@ def test_vae_loads_from_official_layout(official_dir):
 
 
 def test_four_channel_vae_is_refused(tmp_path):
-    save_file({"encoder.conv_in.weight": torch.zeros(32, 3, 3, 3), "encoder.conv_out.weight": torch.zeros(8, 32, 3, 3),
-               "decoder.conv_in.weight": torch.zeros(32, 4, 3, 3)}, str(tmp_path / "sdxl_vae.safetensors"))
+    save_file(sd_vae_state(), str(tmp_path / "sdxl_vae.safetensors"))
     with pytest.raises(CheckpointError, match=r"sdxl_vae\.safetensors is a 4-channel VAE.*16-channel FLUX VAE"):
         load_vae(tmp_path / "sdxl_vae.safetensors")
 

@@ -1,5 +1,7 @@
 """Sampler behaviour beyond the official loop: batches, img2img, masks, text-to-image, callbacks."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -18,6 +20,18 @@ from step1x.sampling import (
 
 def _latents(batch=1, seed=0, h=8, w=8):
     return make_noise((batch, 16, h, w), seed), make_noise((batch, 16, h, w), seed + 100)
+
+
+@contextlib.contextmanager
+def _transformer_inputs(model):
+    """Collects the shape of the image tokens of every transformer call while inside."""
+    shapes = []
+    original = model.transformer
+    model.transformer = lambda img, *a, **k: shapes.append(tuple(img.shape)) or original(img, *a, **k)
+    try:
+        yield shapes
+    finally:
+        del model.transformer
 
 
 def _run(model, text, **kw):
@@ -79,15 +93,9 @@ def test_sequential_cfg_equals_the_joint_batch(tiny_dit, tiny_text):
 def test_without_uncond_the_model_runs_on_the_cond_batch_only(tiny_dit, tiny_text):
     cond, _ = tiny_text
     noise, ref = _latents()
-    rows = []
-    original = tiny_dit.transformer
-    tiny_dit.transformer = lambda img, *a, **k: rows.append(img.shape[0]) or original(img, *a, **k)
-    try:
-        with torch.no_grad():
-            denoise(tiny_dit, noise, cond, None, reference=ref, steps=2, compute_dtype=torch.float32)
-    finally:
-        del tiny_dit.transformer
-    assert rows == [1, 1]
+    with _transformer_inputs(tiny_dit) as shapes, torch.no_grad():
+        denoise(tiny_dit, noise, cond, None, reference=ref, steps=2, compute_dtype=torch.float32)
+    assert [rows for rows, _, _ in shapes] == [1, 1]
 
 
 def test_strength_zero_returns_the_start_latent(tiny_dit, tiny_text):
@@ -129,14 +137,9 @@ def test_half_mask_keeps_only_the_unmasked_half(tiny_dit, tiny_text):
 
 
 def test_text_to_image_has_no_reference_tokens(tiny_dit, tiny_text):
-    lengths = []
-    original = tiny_dit.transformer
-    tiny_dit.transformer = lambda img, *a, **k: lengths.append(img.shape[1]) or original(img, *a, **k)
-    try:
+    with _transformer_inputs(tiny_dit) as shapes:
         out = _run(tiny_dit, tiny_text, reference=None, steps=2)
-    finally:
-        del tiny_dit.transformer
-    assert out.shape == (1, 16, 8, 8) and lengths == [16, 16]
+    assert out.shape == (1, 16, 8, 8) and [tokens for _, tokens, _ in shapes] == [16, 16]
 
 
 def test_callback_sees_every_step_and_can_cancel(tiny_dit, tiny_text):
