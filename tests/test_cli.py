@@ -155,8 +155,11 @@ def test_asking_for_a_version_the_file_is_not_fails(tiny_models, tmp_path, capsy
     assert "is Step1X-Edit v1.1, but version v1.0 was asked for" in capsys.readouterr().err
 
 
-def test_arguments_that_do_not_fit_together_are_refused(tmp_path, capsys):
+def test_a_run_without_an_image_or_prompts_is_refused(tmp_path, capsys):
     assert edit("-o", str(tmp_path / "out")) == 2
     assert "nothing to edit" in capsys.readouterr().err
+
+
+def test_a_text_to_image_size_that_is_not_a_multiple_of_16_is_refused(tmp_path, capsys):
     assert edit("--t2i", "--width", "100", "-p", "x", "-o", str(tmp_path / "out")) == 2
     assert "multiples of 16" in capsys.readouterr().err

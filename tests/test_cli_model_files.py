@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from step1x.model_files import ModelFilesError, resolve_models
+from step1x.model_files import ModelFilesError, ModelPaths, resolve_models
 
 
 def touch(path):
@@ -43,7 +43,7 @@ def test_comfyui_folders_and_the_bundled_tokenizer_are_used(tmp_path):
     mllm = touch(models / "text_encoders" / "qwen_2.5_vl_7b_fp8_scaled.safetensors")
     tokenizer = touch(tmp_path / "ComfyUI" / "comfy" / "text_encoders" / "qwen25_tokenizer" / "vocab.json").parent
     for folder in (tmp_path / "ComfyUI", models):
-        assert resolve_models(folder) == type(resolve_models(folder))(dit, vae, mllm, tokenizer)
+        assert resolve_models(folder) == ModelPaths(dit, vae, mllm, tokenizer)
 
 
 def test_explicit_paths_override_the_folder(standalone, tmp_path):
@@ -71,14 +71,23 @@ def test_a_missing_piece_is_listed_with_the_expected_layout(standalone):
     assert "models/diffusion_models" in message and "python -m step1x download" in message
 
 
-def test_an_unofficial_dit_name_is_found_when_it_is_the_only_one(tmp_path):
+@pytest.fixture()
+def unofficial(tmp_path):
+    """The official layout with an fp8 conversion of the v1.1 DiT in place of the official file."""
     touch(tmp_path / "step1x-edit-v1p1-fp8.safetensors")
     touch(tmp_path / "vae.safetensors")
     touch(tmp_path / "Qwen2.5-VL-7B-Instruct" / "config.json")
-    assert resolve_models(tmp_path).dit.name == "step1x-edit-v1p1-fp8.safetensors"
-    touch(tmp_path / "step1x-edit-v1p0-fp8.safetensors")
+    return tmp_path
+
+
+def test_an_unofficial_dit_name_is_found_when_it_is_the_only_one(unofficial):
+    assert resolve_models(unofficial).dit.name == "step1x-edit-v1p1-fp8.safetensors"
+
+
+def test_several_unofficial_dit_files_ask_for_a_choice(unofficial):
+    touch(unofficial / "step1x-edit-v1p0-fp8.safetensors")
     with pytest.raises(ModelFilesError, match="several Step1X-Edit DiT files found.*choose one with --dit"):
-        resolve_models(tmp_path)
+        resolve_models(unofficial)
 
 
 def test_a_models_folder_that_does_not_exist_is_named(tmp_path):

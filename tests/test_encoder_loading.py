@@ -161,12 +161,15 @@ def test_extra_tensors_are_ignored_with_a_warning(tiny_assets, tmp_path, image, 
     torch.testing.assert_close(_encode(enc, image).embedding, reference.embedding, atol=0, rtol=0)
 
 
-def test_pickle_and_missing_paths(tiny_assets, tmp_path):
+def test_pickle_file_is_refused(tiny_assets, tmp_path):
     pickle = tmp_path / "pytorch_model.bin"
     pickle.write_bytes(b"\x80\x04")
     with pytest.raises(CheckpointError, match="pickle"):
         load_text_encoder(pickle, tokenizer_dir=tiny_assets.tokenizer_dir)
-    with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
+
+
+def test_missing_path_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.safetensors"):
         load_text_encoder(tmp_path / "nowhere.safetensors")
 
 
@@ -177,17 +180,20 @@ def test_damaged_file(tiny_assets, tmp_path):
         load_tiny(damaged, tiny_assets)
 
 
-def test_folder_without_config_or_safetensors(tiny_assets, tmp_path):
+def test_folder_without_config_is_refused(tiny_assets, tmp_path):
     folder = tmp_path / "no_config"
     folder.mkdir()
     shutil.copy(tiny_assets.single_file, folder / "model.safetensors")
-    with pytest.raises(CheckpointError, match="config.json"):
+    with pytest.raises(CheckpointError, match=r"config\.json"):
         load_text_encoder(folder, tokenizer_dir=tiny_assets.tokenizer_dir)
-    empty = tmp_path / "only_bin"
-    empty.mkdir()
-    (empty / "pytorch_model.bin").write_bytes(b"")
+
+
+def test_folder_of_only_pickle_files_is_refused(tmp_path):
+    folder = tmp_path / "only_bin"
+    folder.mkdir()
+    (folder / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(CheckpointError, match="only pickle files"):
-        load_text_encoder(empty)
+        load_text_encoder(folder)
 
 
 def test_single_file_needs_a_tokenizer(tiny_assets):

@@ -133,7 +133,7 @@ def test_the_api_workflow_is_the_basic_ui_workflow():
     assert ui_types == {k: v["class_type"] for k, v in api.items()}
 
 
-def test_workflows_name_only_model_files_users_can_have():
+def test_workflows_hold_no_machine_paths():
     for path in WORKFLOWS.glob("*.json"):
         text = path.read_text(encoding="utf-8")
         assert "/work/" not in text and "\\\\" not in text, f"{path.name} holds a machine path"
