@@ -6,6 +6,7 @@ from .image import Resize, RestoreSize, VaeDecode, VaeEncode
 from .loaders import DiTLoader, MllmLoader, VaeLoader
 from .lora import LoraLoader
 from .sampler import Sampler
+from .teacache import TeaCache
 
 NODE_CONFIG = {
     "Step1XEditDiTLoader": {"class": DiTLoader, "name": "Step1X-Edit DiT Loader"},
@@ -15,6 +16,7 @@ NODE_CONFIG = {
     "Step1XEditInstructionEncode": {"class": InstructionEncode, "name": "Step1X-Edit Instruction Encode"},
     "Step1XEditConnector": {"class": Connector, "name": "Step1X-Edit Connector"},
     "Step1XEditSampler": {"class": Sampler, "name": "Step1X-Edit Sampler"},
+    "Step1XEditTeaCache": {"class": TeaCache, "name": "Step1X-Edit TeaCache"},
     "Step1XEditVAEDecode": {"class": VaeDecode, "name": "Step1X-Edit VAE Decode"},
     "Step1XEditVAEEncode": {"class": VaeEncode, "name": "Step1X-Edit VAE Encode"},
     "Step1XEditResize": {"class": Resize, "name": "Step1X-Edit Resize (size_level)"},

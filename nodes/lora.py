@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from ..step1x.lora import load_lora
 from . import _comfy as bridge
-from .sockets import CATEGORY, DIT, DiT
+from .sockets import CATEGORY, DIT
 
 
 class LoraLoader:
@@ -46,4 +47,4 @@ class LoraLoader:
         if strength == 0:
             return (model,)
         patcher = bridge.add_lora(model.patcher, self.loaded[1], strength)
-        return (DiT(patcher, model.compute_dtype, f"{model.name} + {lora_name}"),)
+        return (replace(model, patcher=patcher, name=f"{model.name} + {lora_name}"),)

@@ -158,6 +158,7 @@ def run(dit, connector, noise, cond, uncond, *, reference, init, keep, steps, cf
         latent = sampling.denoise(
             dit.model, noise, cond, uncond, reference=reference, steps=steps, cfg_scale=cfg,
             renorm_threshold=renorm_threshold, strength=strength, init_latent=init, keep_mask=keep,
-            compute_dtype=dit.compute_dtype, device=device, connector=connector, callback=progress,
+            compute_dtype=dit.compute_dtype, device=device, connector=connector, teacache=dit.teacache,
+            callback=progress,
         )
     return latent_from_model_space(latent).to(bridge.intermediate_device())

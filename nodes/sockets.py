@@ -28,6 +28,8 @@ class DiT:
     patcher: object
     compute_dtype: torch.dtype
     name: str
+    teacache: float = 0.0
+    """TeaCache threshold the sampler uses with this model (0: off)."""
 
     @property
     def model(self):

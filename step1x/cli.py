@@ -52,6 +52,9 @@ def _edit_parser(sub) -> None:
     s.add_argument("--resize-filter", choices=("lanczos", "bicubic", "bilinear", "nearest"), default="lanczos")
     s.add_argument("--no-restore-size", action="store_true", help="keep the working size instead of the input's")
     s.add_argument("--sequential-cfg", action="store_true", help="run the two guidance passes one after the other")
+    s.add_argument("--teacache", type=float, default=0.0, metavar="THRESHOLD",
+                   help="skip the DiT blocks on steps that barely change (official TeaCache; 0.2 is its default, "
+                        "0 off): faster, slightly different results")
 
     h = p.add_argument_group("hardware")
     h.add_argument("--device", default="auto", help="device for the DiT and VAE: auto, cuda, cuda:1, cpu, mps")

@@ -49,6 +49,7 @@ def options_from(args: Namespace) -> EditOptions:
         steps=args.steps, cfg_scale=args.cfg, renorm_threshold=args.renorm_threshold, seed=args.seed,
         size_level=args.size_level, negative_prompt=args.negative_prompt, strength=args.strength,
         resize_filter=args.resize_filter, restore_size=not args.no_restore_size, sequential_cfg=args.sequential_cfg,
+        teacache=args.teacache,
     )
     options.validate()
     if options.size_level < 16:

@@ -163,3 +163,16 @@ def test_a_run_without_an_image_or_prompts_is_refused(tmp_path, capsys):
 def test_a_text_to_image_size_that_is_not_a_multiple_of_16_is_refused(tmp_path, capsys):
     assert edit("--t2i", "--width", "100", "-p", "x", "-o", str(tmp_path / "out")) == 2
     assert "multiples of 16" in capsys.readouterr().err
+
+
+def test_teacache_runs_end_to_end(tiny_models, tmp_path):
+    seeded_image(64, 64).save(tmp_path / "a.png")
+    assert edit(str(tmp_path / "a.png"), "-p", "x", "-o", str(tmp_path / "out"), "--models", str(tiny_models),
+                "--teacache", "0.2") == 0
+    assert (tmp_path / "out" / "a.png").exists()
+
+
+def test_a_negative_teacache_threshold_is_refused(tmp_path, capsys):
+    seeded_image(64, 64).save(tmp_path / "a.png")
+    assert edit(str(tmp_path / "a.png"), "-p", "x", "-o", str(tmp_path / "out"), "--teacache", "-1") == 2
+    assert "teacache threshold" in capsys.readouterr().err

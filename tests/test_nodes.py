@@ -28,7 +28,7 @@ from node_support import (
 def test_one_table_feeds_both_mappings(pack):
     nodes = importlib.import_module(f"{PACK_NAME}.nodes")
     assert set(pack.NODE_CLASS_MAPPINGS) == set(nodes.NODE_CONFIG) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
-    assert len(pack.NODE_CLASS_MAPPINGS) == 11
+    assert len(pack.NODE_CLASS_MAPPINGS) == 12
 
 
 @pytest.mark.parametrize("node_id", sorted(load_pack().NODE_CLASS_MAPPINGS))
