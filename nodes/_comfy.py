@@ -98,10 +98,41 @@ def operations():
     """Layer classes for the models: ComfyUI's casting ops inside ComfyUI (so --lowvram can keep part of
     the weights on the CPU and stream them), the library default otherwise."""
     if IN_COMFYUI:
-        return comfy.ops.manual_cast
+        return _autocast_aware_ops()
     from ..step1x.ops import CastOps
 
     return CastOps
+
+
+_AUTOCAST_OPS = None
+
+
+def _autocast_aware_ops():
+    """``comfy.ops.manual_cast`` whose Linear casts its weight straight to the dtype the matmul runs in.
+
+    The sampler runs under autocast as the official code does, so a Linear's input is often float32 (after
+    a LayerNorm) while the matmul runs in bfloat16; casting to the input's dtype would copy every weight to
+    float32 on every call only for autocast to cast it back."""
+    global _AUTOCAST_OPS
+    if _AUTOCAST_OPS is not None:
+        return _AUTOCAST_OPS
+    from ..step1x.ops import compute_dtype
+
+    base = comfy.ops.manual_cast
+
+    class Linear(base.Linear):
+        def forward_comfy_cast_weights(self, input, *args, **kwargs):
+            dtype = compute_dtype(input)
+            if dtype == input.dtype:
+                return super().forward_comfy_cast_weights(input, *args, **kwargs)
+            cast = comfy.ops.cast_bias_weight(self, input, dtype=dtype, bias_dtype=dtype)
+            out = torch.nn.functional.linear(input, cast[0], cast[1])
+            if len(cast) > 2 and hasattr(comfy.ops, "uncast_bias_weight"):
+                comfy.ops.uncast_bias_weight(self, cast[0], cast[1], cast[2])
+            return out
+
+    _AUTOCAST_OPS = type("AutocastManualCast", (base,), {"Linear": Linear})
+    return _AUTOCAST_OPS
 
 
 # ------------------------------------------------------------------------------------ model management

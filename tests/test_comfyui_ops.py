@@ -1,0 +1,84 @@
+"""Inside the real ComfyUI, the pack's casting Linear casts its weight straight to the autocast dtype
+(bf16 weights are not copied to float32 only for autocast to cast them back) and gives the same numbers as
+a plain Linear under autocast, for bf16 and fp8 weights.
+
+Needs ``COMFYUI_PATH`` (a ComfyUI checkout) and optionally ``COMFYUI_PYTHON`` (its interpreter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from node_support import ROOT
+
+COMFYUI = os.environ.get("COMFYUI_PATH")
+if not COMFYUI:
+    pytest.skip("COMFYUI_PATH is not set; point it at a ComfyUI checkout (and COMFYUI_PYTHON at its interpreter) "
+                "to test the casting layers inside the real ComfyUI", allow_module_level=True)
+PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+
+SCRIPT = r"""
+import json, sys
+config = json.loads(sys.argv[1])
+sys.argv = ["main.py", "--cpu"]
+sys.path[:0] = [config["comfyui"], config["tests"]]
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.model_management as mm
+import torch
+import torch.nn.functional as F
+from node_support import load_pack
+
+load_pack()
+bridge = sys.modules["step1x_edit_pack.nodes._comfy"]
+ops = bridge.operations()
+requested = []
+original = mm.cast_to
+mm.cast_to = lambda w, dtype=None, *a, **k: requested.append(dtype) or original(w, dtype, *a, **k)
+g = torch.Generator().manual_seed(0)
+x = torch.randn(3, 8, generator=g)
+result = {}
+for name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
+    layer = ops.Linear(8, 4, dtype=dtype)
+    layer.weight = torch.nn.Parameter((torch.randn(4, 8, generator=g) * 0.3).to(dtype), requires_grad=False)
+    layer.bias = torch.nn.Parameter(torch.randn(4, generator=g).to(torch.bfloat16), requires_grad=False)
+    requested.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+        want = F.linear(x, layer.weight.to(torch.bfloat16), layer.bias)
+    result[name] = {"equal": bool(torch.equal(got, want)), "dtype": str(got.dtype),
+                    "requested": sorted({str(d) for d in requested})}
+plain = ops.Linear(8, 4, dtype=torch.float32)
+plain.weight = torch.nn.Parameter(torch.randn(4, 8, generator=g), requires_grad=False)
+plain.bias = torch.nn.Parameter(torch.randn(4, generator=g), requires_grad=False)
+result["fp32_no_autocast"] = bool(torch.equal(plain(x), F.linear(x, plain.weight, plain.bias)))
+print(json.dumps(result))
+"""
+
+
+@pytest.fixture(scope="module")
+def result():
+    config = {"comfyui": COMFYUI, "tests": str(ROOT / "tests")}
+    proc = subprocess.run([PYTHON, "-c", SCRIPT, json.dumps(config)], capture_output=True, text=True, cwd=COMFYUI,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("weights", ["bf16", "fp8"])
+def test_under_autocast_weights_are_cast_to_the_autocast_dtype_only(result, weights):
+    assert result[weights]["requested"] == ["torch.bfloat16"]
+
+
+@pytest.mark.parametrize("weights", ["bf16", "fp8"])
+def test_under_autocast_the_output_equals_a_plain_linear(result, weights):
+    assert result[weights]["equal"] and result[weights]["dtype"] == "torch.bfloat16"
+
+
+def test_without_autocast_the_layer_is_comfyuis_own(result):
+    assert result["fp32_no_autocast"]
