@@ -28,7 +28,11 @@ from node_support import (
 def test_one_table_feeds_both_mappings(pack):
     nodes = importlib.import_module(f"{PACK_NAME}.nodes")
     assert set(pack.NODE_CLASS_MAPPINGS) == set(nodes.NODE_CONFIG) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
-    assert len(pack.NODE_CLASS_MAPPINGS) == 12
+    assert set(pack.NODE_CLASS_MAPPINGS) == {
+        "Step1XEditDiTLoader", "Step1XEditLoraLoader", "Step1XEditTeaCache", "Step1XEditMLLMLoader",
+        "Step1XEditVAELoader", "Step1XEditInstructionEncode", "Step1XEditConnector", "Step1XEditSampler",
+        "Step1XEditVAEDecode", "Step1XEditVAEEncode", "Step1XEditResize", "Step1XEditRestoreSize",
+    }
 
 
 @pytest.mark.parametrize("node_id", sorted(load_pack().NODE_CLASS_MAPPINGS))
