@@ -209,3 +209,21 @@ def test_the_pack_imports_without_comfyui_or_optional_packages(pack):
                             cwd=ROOT / "tests", env={"PATH": "", "PYTHONPATH": str(ROOT / "tests")})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(len(pack.NODE_CLASS_MAPPINGS)), "every node, with no package missing"
+
+
+@pytest.mark.parametrize("choice,dtype,keep_fp8", [("bf16", torch.bfloat16, False),
+                                                   ("bf16 + fp8 weights", torch.bfloat16, True),
+                                                   ("fp32", torch.float32, False)])
+def test_mllm_dtype_choice_reaches_the_encoder_loader(pack, model_names, monkeypatch, choice, dtype, keep_fp8):
+    encoder_pkg = lib("encoder")
+    seen = {}
+    real = encoder_pkg.load_text_encoder
+
+    def recording(path, **kwargs):
+        seen.update(kwargs)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(encoder_pkg, "load_text_encoder", recording)
+    mllm = run_node(pack, "Step1XEditMLLMLoader", mllm_name=model_names["mllm"], dtype=choice, device="cpu")[0]
+    assert (seen["dtype"], seen["keep_fp8"]) == (dtype, keep_fp8)
+    assert mllm.encoder.dtype == dtype
