@@ -3,6 +3,7 @@ built-ins listed in BUILTINS, with the widget values the frontend expects (UI fo
 links (both formats)."""
 
 import json
+import re
 
 import pytest
 
@@ -133,7 +134,20 @@ def test_the_api_workflow_is_the_basic_ui_workflow():
     assert ui_types == {k: v["class_type"] for k, v in api.items()}
 
 
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
 def test_workflows_hold_no_machine_paths():
+    """File widgets hold names relative to ComfyUI's model folders, never absolute paths."""
+    absolute = re.compile(r"^(/|~|[A-Za-z]:[\\/]|\\\\)")
     for path in WORKFLOWS.glob("*.json"):
-        text = path.read_text(encoding="utf-8")
-        assert "/work/" not in text and "\\\\" not in text, f"{path.name} holds a machine path"
+        found = [v for v in _strings(json.loads(path.read_text(encoding="utf-8"))) if absolute.match(v)]
+        assert not found, f"{path.name} holds machine paths: {found}"
