@@ -8,10 +8,11 @@ Optional packages are imported only when a backend is selected, never at import 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -36,19 +37,47 @@ class Backend:
     """Device types the kernels run on; ``None`` for any."""
     dtypes: tuple[torch.dtype, ...] | None
     """Tensor dtypes the kernels accept; ``None`` for any."""
+    min_capability: dict[torch.dtype, tuple[int, int]] = field(default_factory=dict)
+    """Lowest CUDA compute capability the kernels need, per dtype (flash-attn 2 and xformers' bf16 kernels
+    need Ampere, 8.0); dtypes not listed run on any."""
 
     def is_installed(self) -> bool:
-        if self.package is None:
-            return True
-        try:
-            return importlib.util.find_spec(self.package) is not None
-        except (ImportError, ValueError):
-            return False
+        """The package is there and imports (a build for another torch or CUDA does not)."""
+        return self.package is None or _import_error(self.package) is None
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         if self.devices is not None and device.type not in self.devices:
             return False
-        return self.dtypes is None or dtype in self.dtypes
+        if self.dtypes is not None and dtype not in self.dtypes:
+            return False
+        needed = self.min_capability.get(dtype)
+        return needed is None or device.type != "cuda" or _cuda_capability(device) >= needed
+
+
+@functools.lru_cache(maxsize=None)
+def _import_error(package: str) -> str | None:
+    """``None`` when ``package`` imports, ``""`` when it is not installed, else why its import fails.
+    Checked once per package, so choosing a backend per attention call costs no file-system lookups."""
+    try:
+        if importlib.util.find_spec(package) is None:
+            return ""
+    except (ImportError, ValueError):
+        return ""
+    try:
+        importlib.import_module(package)
+    except Exception as exc:  # a broken binary install: undefined symbols, a CUDA mismatch
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA device, looked up once (a tensor's device always has its index)."""
+    return _capability(device.index)
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -56,9 +85,10 @@ AUTO_ORDER = ("flash", "xformers", "sdpa")
 """Preference of ``auto`` among the backends that are installed and suit the tensors."""
 
 
-def register(name: str, *, package: str | None = None, install_hint: str = "", devices=None, dtypes=None):
+def register(name: str, *, package: str | None = None, install_hint: str = "", devices=None, dtypes=None,
+             min_capability=None):
     def wrap(fn: AttentionFn) -> AttentionFn:
-        _BACKENDS[name] = Backend(name, fn, package, install_hint, devices, dtypes)
+        _BACKENDS[name] = Backend(name, fn, package, install_hint, devices, dtypes, dict(min_capability or {}))
         return fn
 
     return wrap
@@ -80,19 +110,17 @@ def select_backend(name: str) -> str:
     if name not in _BACKENDS:
         raise AttentionBackendError(f"unknown attention backend {name!r}; choose one of {backend_names()}")
     backend = _BACKENDS[name]
-    if not backend.is_installed():
+    error = None if backend.package is None else _import_error(backend.package)
+    if error == "":
         raise AttentionBackendError(
             f"attention backend {name!r} needs the package {backend.package!r}, which is not installed. "
             f"{backend.install_hint} Or choose 'sdpa' / 'auto'."
         )
-    if backend.package is not None:
-        try:
-            importlib.import_module(backend.package)
-        except Exception as exc:  # a broken binary install
-            raise AttentionBackendError(
-                f"attention backend {name!r}: importing {backend.package!r} failed ({exc}). "
-                f"{backend.install_hint} Or choose 'sdpa' / 'auto'."
-            ) from exc
+    if error is not None:
+        raise AttentionBackendError(
+            f"attention backend {name!r}: importing {backend.package!r} failed ({error}). "
+            f"{backend.install_hint} Or choose 'sdpa' / 'auto'."
+        )
     return name
 
 
@@ -102,9 +130,9 @@ _warned: set[tuple[str, str, str]] = set()
 def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
     """The backend that will run for tensors on ``device`` of ``dtype``.
 
-    ``auto`` takes the first of :data:`AUTO_ORDER` that is installed and suits the tensors. An explicit
-    choice whose kernels do not suit the tensors (xformers on CPU, flash in float32) falls back to
-    ``sdpa`` with a one-time warning."""
+    ``auto`` takes the first of :data:`AUTO_ORDER` that imports and suits the tensors. An explicit
+    choice whose kernels do not suit the tensors (xformers on CPU, flash in float32 or on a GPU older
+    than Ampere) falls back to ``sdpa`` with a one-time warning."""
     if name == "auto":
         for candidate in AUTO_ORDER:
             backend = _BACKENDS.get(candidate)
@@ -118,11 +146,18 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
         key = (name, device.type, str(dtype))
         if key not in _warned:
             _warned.add(key)
-            log.warning(
-                "attention backend %r does not run on %s tensors of %s; using 'sdpa' for them", name, device.type, dtype
-            )
+            log.warning("attention backend %r does not run on %s tensors of %s%s; using 'sdpa' for them", name,
+                        device.type, dtype, _capability_note(backend, device, dtype))
         return _BACKENDS["sdpa"]
     return backend
+
+
+def _capability_note(backend: Backend, device: torch.device, dtype: torch.dtype) -> str:
+    needed = backend.min_capability.get(dtype)
+    if needed is None or device.type != "cuda" or (backend.dtypes is not None and dtype not in backend.dtypes):
+        return ""
+    have = _cuda_capability(device)
+    return f" on a GPU of compute capability {have[0]}.{have[1]} (it needs {needed[0]}.{needed[1]} or newer)"
 
 
 def attention(
@@ -148,6 +183,7 @@ def _sdpa(q, k, v, mask):
     install_hint="Install it with `pip install xformers` (a build matching your torch and CUDA).",
     devices=("cuda",),
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    min_capability={torch.bfloat16: (8, 0)},
 )
 def _xformers(q, k, v, mask):
     import xformers.ops as xops
@@ -178,6 +214,7 @@ def _xformers_bias(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     install_hint="Install it with `pip install flash-attn --no-build-isolation` (needs a CUDA toolchain).",
     devices=("cuda",),
     dtypes=(torch.float16, torch.bfloat16),
+    min_capability={torch.float16: (8, 0), torch.bfloat16: (8, 0)},
 )
 def _flash(q, k, v, mask):
     if mask is not None:

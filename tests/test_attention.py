@@ -11,6 +11,25 @@ from step1x import attention as attn
 from step1x.attention import AttentionBackendError, attention, resolve, select_backend
 
 
+@pytest.fixture(autouse=True)
+def _fresh_probes():
+    """Package imports and GPU capabilities are probed once and cached; each test starts without them."""
+    attn._import_error.cache_clear()
+    attn._capability.cache_clear()
+    yield
+    attn._import_error.cache_clear()
+    attn._capability.cache_clear()
+
+
+def _gpu(monkeypatch, capability):
+    monkeypatch.setattr(attn, "_capability", lambda index: capability)
+
+
+def _packages(monkeypatch, **state):
+    """Stand-in import probe: ``state`` maps a package to None (imports), "" (absent) or an import error."""
+    monkeypatch.setattr(attn, "_import_error", lambda package: state.get(package, ""))
+
+
 def _qkv(b=2, length=10, heads=3, dim=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(b, length, heads, dim, generator=g) for _ in range(3)]
@@ -37,8 +56,27 @@ def test_unknown_backend_is_refused_with_the_choices():
 
 def test_uninstalled_backend_fails_at_selection_with_install_hint(monkeypatch):
     monkeypatch.setattr(attn.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(AttentionBackendError, match="pip install flash-attn"):
+    with pytest.raises(AttentionBackendError, match="needs the package 'flash_attn', which is not installed.*"
+                                                    "pip install flash-attn"):
         select_backend("flash")
+
+
+def test_a_backend_whose_import_fails_is_refused_with_the_cause(monkeypatch):
+    def broken(name):
+        raise ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c10")
+
+    monkeypatch.setattr(attn.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(attn.importlib, "import_module", broken)
+    with pytest.raises(AttentionBackendError, match=r"importing 'flash_attn' failed \(ImportError: .*undefined symbol"):
+        select_backend("flash")
+
+
+def test_the_import_probe_runs_once_per_package(monkeypatch):
+    calls = []
+    monkeypatch.setattr(attn.importlib.util, "find_spec", lambda name: calls.append(name))
+    for _ in range(3):
+        assert not attn._BACKENDS["xformers"].is_installed()
+    assert calls == ["xformers"]
 
 
 def test_auto_and_sdpa_are_always_selectable():
@@ -60,9 +98,34 @@ def test_flash_in_float32_falls_back_to_sdpa():
     assert resolve("flash", torch.device("cuda"), torch.float32).name == "sdpa"
 
 
-def test_auto_prefers_xformers_on_cuda_half_when_installed(monkeypatch):
-    monkeypatch.setattr(attn.Backend, "is_installed", lambda self: self.name != "flash")
+def test_auto_prefers_flash_then_xformers_on_an_ampere_gpu(monkeypatch):
+    _gpu(monkeypatch, (8, 0))
+    _packages(monkeypatch, flash_attn=None, xformers=None)
+    assert resolve("auto", torch.device("cuda"), torch.bfloat16).name == "flash"
+    _packages(monkeypatch, xformers=None)
     assert resolve("auto", torch.device("cuda"), torch.bfloat16).name == "xformers"
+
+
+def test_auto_skips_a_backend_whose_import_fails(monkeypatch):
+    _gpu(monkeypatch, (9, 0))
+    _packages(monkeypatch, flash_attn="ImportError: undefined symbol", xformers=None)
+    assert resolve("auto", torch.device("cuda:0"), torch.float16).name == "xformers"
+    assert attn.installed_backends() == ["sdpa", "xformers"]
+
+
+def test_before_ampere_auto_keeps_flash_out_and_xformers_out_of_bf16(monkeypatch):
+    _gpu(monkeypatch, (7, 5))
+    _packages(monkeypatch, flash_attn=None, xformers=None)
+    assert resolve("auto", torch.device("cuda"), torch.float16).name == "xformers"
+    assert resolve("auto", torch.device("cuda"), torch.bfloat16).name == "sdpa"
+
+
+def test_flash_chosen_on_a_gpu_before_ampere_falls_back_to_sdpa_with_the_reason(monkeypatch, caplog):
+    _gpu(monkeypatch, (7, 5))
+    monkeypatch.setattr(attn, "_warned", set())
+    with caplog.at_level("WARNING", logger="step1x.attention"):
+        assert resolve("flash", torch.device("cuda"), torch.float16).name == "sdpa"
+    assert "compute capability 7.5 (it needs 8.0 or newer)" in caplog.text
 
 
 def test_xformers_receives_bmhk_layout_and_an_aligned_bias(monkeypatch):
