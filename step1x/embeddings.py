@@ -46,8 +46,8 @@ def rope_table(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> Tensor:
 
 
 def apply_rope(xq: Tensor, xk: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotate interleaved pairs of q and k (B, L, H, D) in float32; returns (B, L, H, D) tensors in the
-    input dtype whose memory is laid out (B, H, L, D), which is what SDPA reads without a copy."""
+    """Rotate interleaved pairs of q and k (B, L, H, D) in float32 (the official order of products);
+    returns (B, L, H, D) tensors in the input dtype."""
     return _rotate(xq, pe), _rotate(xk, pe)
 
 
