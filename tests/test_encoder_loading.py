@@ -176,8 +176,23 @@ def test_missing_path_is_named(tmp_path):
 def test_damaged_file(tiny_assets, tmp_path):
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes(tiny_assets.single_file.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="damaged.safetensors"):
+    with pytest.raises(CheckpointError, match=r"damaged\.safetensors is not a safetensors file.*download it again"):
         load_tiny(damaged, tiny_assets)
+
+
+def test_a_truncated_shard_of_a_folder_is_reported_as_truncated(tiny_assets, tmp_path):
+    folder = shutil.copytree(tiny_assets.folder, tmp_path / "cut_folder")
+    shard = next(folder.glob("*.safetensors"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match=rf"{shard.name} is truncated.*download it again"):
+        load_text_encoder(folder)
+
+
+def test_the_encoder_raises_the_same_checkpoint_error_as_the_dit_loader():
+    import step1x
+
+    assert CheckpointError is step1x.CheckpointError
 
 
 def test_folder_without_config_is_refused(tiny_assets, tmp_path):

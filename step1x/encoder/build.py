@@ -11,9 +11,9 @@ import warnings
 from contextlib import contextmanager
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
+from ..safetensors_file import open_tensors
 from . import keys as K
 from .checkpoint import Checkpoint, CheckpointError, is_fp8
 from .fp8 import dequantize, swap_linear
@@ -80,7 +80,7 @@ def assign_weights(
     kept_fp8: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     unexpected: list[str] = []
     for file, names in ckpt.by_file().items():
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
+        with open_tensors(file) as handle:
             for name in names:
                 target = K.for_model(name, new_layout)
                 slot = expected.get(target)

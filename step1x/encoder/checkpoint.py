@@ -1,7 +1,8 @@
 """Finding the Qwen2.5-VL tensors of a Hugging Face folder or of one ComfyUI ``text_encoders`` file.
 
-Only safetensors are read, headers first; tensors are read one at a time when assigned. Pickle
-checkpoints (.bin, .pt, .ckpt) are refused because loading them can run code.
+Only safetensors are read, headers first (with the checks of :func:`step1x.safetensors_file.read_header`);
+tensors are read one at a time when assigned. Pickle checkpoints (.bin, .pt, .ckpt) are refused because
+loading them can run code.
 """
 
 from __future__ import annotations
@@ -12,18 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from ..safetensors_file import PICKLE_SUFFIXES, CheckpointError, read_header
 from . import keys as K
 
-PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
 FP8_MARKER = "scaled_fp8"
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 IGNORED_SUFFIXES = (".scale_input", ".input_scale", ".inv_freq")
-
-
-class CheckpointError(ValueError):
-    """A model path that is missing, unreadable or not a Qwen2.5-VL checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -113,15 +109,8 @@ def _folder_files(folder: Path) -> list[Path]:
 def _collect(path: Path, kind: str, files: list[Path]) -> Checkpoint:
     raw: dict[str, Entry] = {}
     for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for stored in handle.keys():
-                    piece = handle.get_slice(stored)
-                    raw[stored] = Entry(file, stored, tuple(piece.get_shape()), piece.get_dtype())
-        except Exception as exc:  # safetensors raises its own error types for damaged files
-            raise CheckpointError(
-                f"cannot read {file} as safetensors ({exc}); the file is damaged or incomplete, download it again."
-            ) from None
+        for stored, info in read_header(file).tensors.items():
+            raw[stored] = Entry(file, stored, info.shape, info.dtype)
     ckpt = Checkpoint(path=path, kind=kind)
     prefix = K.find_prefix(raw) or ""
     for stored, entry in raw.items():
