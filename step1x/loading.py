@@ -107,7 +107,10 @@ def _shape(header: Header, prefix: str, key: str) -> tuple[int, ...]:
 
 def inspect_dit(path: str | os.PathLike) -> DiTFileInfo:
     """Check that ``path`` is a Step1X-Edit DiT and read its architecture, version and dtype."""
-    header = read_header(path)
+    return _inspect_dit(read_header(path))
+
+
+def _inspect_dit(header: Header) -> DiTFileInfo:
     keys = set(header.tensors)
     prefix = _strip_prefix(keys)
     required = ("img_in.weight", "double_blocks.0.img_attn.qkv.weight", "connector.S.input_embedder.weight")
@@ -220,10 +223,10 @@ def cast_model(model: torch.nn.Module, compute_dtype: torch.dtype, weight_dtype:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _assign(model: torch.nn.Module, header: Header, prefix: str, dtype_of, device: torch.device,
-            ignore=lambda key: False) -> None:
+def _assign(model: torch.nn.Module, header: Header, prefix: str, dtype_of, device: torch.device) -> None:
+    """Read every tensor of the model from the file (under ``prefix``) as ``dtype_of(key)`` onto ``device``."""
     expected = set(model.state_dict().keys())
-    present = {k[len(prefix):]: k for k in header.tensors if k.startswith(prefix) and not ignore(k[len(prefix):])}
+    present = {k[len(prefix):]: k for k in header.tensors if k.startswith(prefix)}
     missing = sorted(expected - present.keys())
     unexpected = sorted(k for k in present.keys() - expected if not k.endswith((".scale_weight", "scaled_fp8")))
     if missing or unexpected:
@@ -244,8 +247,7 @@ def _assign(model: torch.nn.Module, header: Header, prefix: str, dtype_of, devic
             scale_key = full[: -len("weight")] + "scale_weight" if full.endswith(".weight") else None
             if scale_key and scale_key in header.tensors:
                 tensor = tensor.float() * f.get_tensor(scale_key).float()
-            target = dtype_of(key, tensor.dtype)
-            state[key] = tensor.to(device=device, dtype=target)
+            state[key] = tensor.to(device=device, dtype=dtype_of(key))
             del tensor
     model.load_state_dict(state, strict=True, assign=True)
 
@@ -264,14 +266,14 @@ def load_dit(
     ``weight_dtype`` sets how the large block matrices are kept: "default" keeps fp8 files in fp8 and
     everything else in ``compute_dtype``; "fp8_e4m3fn"/"fp8_e5m2" cast them to fp8 (about half the memory
     of bf16); they are upcast per layer at compute time. ``attention`` picks the attention backend."""
-    info = inspect_dit(path)
+    header = read_header(path)
+    info = _inspect_dit(header)
     weight = weight_dtype_for(weight_dtype)
     device = torch.device(device)
     with torch.device("meta"):
         model = Step1XEdit(info.params, operations=operations)
     _assign(
-        model, read_header(info.path), info.prefix,
-        lambda key, dtype: storage_dtype(key, info.stored_dtype, compute_dtype, weight), device,
+        model, header, info.prefix, lambda key: storage_dtype(key, info.stored_dtype, compute_dtype, weight), device
     )
     model.set_attention_backend(attention)
     log.info("loaded %s: Step1X-Edit %s, stored %s", info.path.name, info.version, info.stored_dtype)
@@ -313,7 +315,7 @@ def load_vae(path: str | os.PathLike, *, device: torch.device | str = "cpu", dty
     header, prefix, params = inspect_vae(path)
     with torch.device("meta"):
         vae = AutoEncoder(params, operations=operations)
-    _assign(vae, header, prefix, lambda key, _: dtype, torch.device(device))
+    _assign(vae, header, prefix, lambda key: dtype, torch.device(device))
     return vae.eval().requires_grad_(False)
 
 
