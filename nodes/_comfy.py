@@ -257,15 +257,25 @@ def model_folders(kind: str) -> list[Path]:
     return folders
 
 
+def _files_below(folder: Path):
+    """(path relative to ``folder``, file name) of every file below ``folder``. Linked folders are followed,
+    as ComfyUI's own listing follows them (large models are often links); hidden folders (.git, download
+    staging) are skipped."""
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = Path(root).relative_to(folder)
+        for name in files:
+            yield rel / name, name
+
+
 def model_files(kind: str) -> list[str]:
     """Model files of ``kind``, relative to their folder, for a loader's dropdown."""
     if IN_COMFYUI:
         return folder_paths.get_filename_list(kind)
     names = set()
     for folder in model_folders(kind):
-        if folder.is_dir():
-            names.update(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                         if p.is_file() and p.suffix.lower() in MODEL_EXTENSIONS)
+        names.update(rel.as_posix() for rel, name in _files_below(folder)
+                     if Path(name).suffix.lower() in MODEL_EXTENSIONS)
     return sorted(names)
 
 
@@ -284,9 +294,8 @@ def hf_folders(kind: str) -> list[str]:
     """Sub-folders holding a Hugging Face model (a config.json), relative to the ``kind`` folders."""
     names = set()
     for folder in model_folders(kind):
-        if folder.is_dir():
-            names.update(p.parent.relative_to(folder).as_posix() for p in folder.rglob("config.json")
-                         if p.parent != folder)
+        names.update(rel.parent.as_posix() for rel, name in _files_below(folder)
+                     if name == "config.json" and rel.parent != Path("."))
     return sorted(names)
 
 

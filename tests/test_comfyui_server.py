@@ -95,7 +95,9 @@ def _prepare_base(base: Path) -> None:
     (models / "diffusion_models" / names["dit"]).rename(models / "diffusion_models" / MODEL_NAMES["dit"])
     (models / "vae" / names["vae"]).rename(models / "vae" / MODEL_NAMES["vae"])
     shutil.copyfile(models / "vae" / MODEL_NAMES["vae"], models / "vae" / "ae.safetensors")
-    (models / "text_encoders" / names["mllm"]).rename(models / "text_encoders" / MODEL_NAMES["mllm"])
+    # the MLLM folder is a link, as large model folders often are: it must be listed as one model
+    (models / "text_encoders" / names["mllm"]).rename(base / MODEL_NAMES["mllm"])
+    (models / "text_encoders" / MODEL_NAMES["mllm"]).symlink_to(base / MODEL_NAMES["mllm"], target_is_directory=True)
     (base / "input").mkdir()
     _write_input_image(base / "input" / "example.png")
 

@@ -56,6 +56,27 @@ def test_dropdowns_list_the_users_files(pack, model_names):
     assert not any(c.startswith(model_names["mllm"] + "/") for c in choices), "shards of a folder are not models"
 
 
+def test_dropdowns_follow_linked_folders_and_list_a_linked_mllm_folder_once(pack, bridge, tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    for name in ("config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        (store / "Qwen2.5-VL-7B-Instruct").mkdir(parents=True, exist_ok=True)
+        (store / "Qwen2.5-VL-7B-Instruct" / name).write_bytes(b"")
+    (store / "dits").mkdir()
+    (store / "dits" / "step1x-edit-v1p1-official.safetensors").write_bytes(b"")
+    folders = {kind: tmp_path / kind for kind in ("text_encoders", "diffusion_models")}
+    for folder in folders.values():
+        (folder / ".git").mkdir(parents=True)
+        (folder / ".git" / "config.json").write_bytes(b"")
+    (folders["text_encoders"] / "Qwen2.5-VL-7B-Instruct").symlink_to(store / "Qwen2.5-VL-7B-Instruct",
+                                                                     target_is_directory=True)
+    (folders["diffusion_models"] / "linked").symlink_to(store / "dits", target_is_directory=True)
+    monkeypatch.setattr(bridge, "_HEADLESS_FOLDERS", {kind: [folder] for kind, folder in folders.items()})
+    monkeypatch.delenv("STEP1X_MODELS_DIR", raising=False)
+    types = lambda node_id: pack.NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()["required"]  # noqa: E731
+    assert types("Step1XEditMLLMLoader")["mllm_name"][0] == ["Qwen2.5-VL-7B-Instruct"]
+    assert types("Step1XEditDiTLoader")["unet_name"][0] == ["linked/step1x-edit-v1p1-official.safetensors"]
+
+
 # ---------------------------------------------------------------------------------------------- graphs
 
 
