@@ -235,9 +235,9 @@ def denoise(
     sides = [cond.expand(batch)] + ([uncond.expand(batch)] if use_cfg else [])
     llm = torch.cat([s.llm_embedding for s in sides]).to(device=device, dtype=compute_dtype)
     txt_mask = torch.cat([s.mask for s in sides]).to(device)
-    rows = llm.shape[0]
-    txt_ids = torch.zeros(rows, llm.shape[1], 3)
-    pe = model.rope(torch.cat([txt_ids, img_ids.repeat(rows // batch, 1, 1)], dim=1).to(device))
+    img_ids = img_ids.repeat(len(sides), 1, 1)
+    txt_ids = torch.zeros(llm.shape[0], llm.shape[1], 3)
+    pe = model.rope(torch.cat([txt_ids, img_ids], dim=1).to(device))
     txt_ids, img_ids = txt_ids.to(device), img_ids.to(device)
 
     with autocast_for(device, compute_dtype):
@@ -263,32 +263,26 @@ def denoise(
                 latent = _keep_outside_mask(latent, mask, noise_f, ref_f, t_prev, h, w)
             img = latent if ref_tokens is None else torch.cat([latent, ref_tokens], dim=1)
             if callback is not None:
-                current = unpack(latent.float(), h, w)
-                denoised = unpack(latent.float() - t_prev * pred.float(), h, w)
-                callback(StepInfo(i, total, t_curr, t_prev, current, denoised))
+                current = latent.float()
+                denoised = unpack(current - t_prev * pred.float(), h, w)
+                callback(StepInfo(i, total, t_curr, t_prev, unpack(current, h, w), denoised))
     return unpack(img[:batch, :n_tokens].float(), h, w)
 
 
 def _predict(model, connector, img, img_ids, txt_ids, t_vec, llm, txt_mask, pe, sequential: bool, batch: int,
              caches: list[TeaCache | None]):
-    """One DiT evaluation over the whole [cond; uncond] batch, or one half at a time."""
+    """One DiT evaluation over the whole [cond; uncond] batch, or one half at a time. Every argument but
+    ``batch`` and ``caches`` holds one row per row of ``img``."""
     rows = img.shape[0]
-    ids = img_ids.repeat(rows // batch, 1, 1)
     if not sequential or rows == batch:
         txt, y = connector(llm, t_vec, txt_mask)
-        return _transformer(model, img, ids, txt_ids, t_vec, txt, y, pe, caches[0])
+        return model.transformer(img, img_ids, txt_ids, t_vec, txt, y, pe, cache=caches[0])
     outs = []
     for half, lo in enumerate(range(0, rows, batch)):
         sl = slice(lo, lo + batch)
         txt, y = connector(llm[sl], t_vec[sl], txt_mask[sl])
-        outs.append(_transformer(model, img[sl], ids[sl], txt_ids[sl], t_vec[sl], txt, y, pe[sl], caches[half]))
+        outs.append(model.transformer(img[sl], img_ids[sl], txt_ids[sl], t_vec[sl], txt, y, pe[sl], cache=caches[half]))
     return torch.cat(outs, dim=0)
-
-
-def _transformer(model, img, ids, txt_ids, t_vec, txt, y, pe, cache):
-    if cache is None:
-        return model.transformer(img, ids, txt_ids, t_vec, txt, y, pe)
-    return model.transformer(img, ids, txt_ids, t_vec, txt, y, pe, cache=cache)
 
 
 def _caches(threshold: float, total: int, per_half: bool) -> list[TeaCache | None]:

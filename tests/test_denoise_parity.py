@@ -19,8 +19,8 @@ def _run(official_dir, case, weights, version, threshold):
     calls = []
     transformer = model.transformer
 
-    def recording(img, img_ids, txt_ids, timesteps, txt, y, pe=None):
-        out = transformer(img, img_ids, txt_ids, timesteps, txt, y, pe)
+    def recording(img, img_ids, txt_ids, timesteps, txt, y, pe=None, cache=None):
+        out = transformer(img, img_ids, txt_ids, timesteps, txt, y, pe, cache=cache)
         calls.append((img.clone(), timesteps.clone(), img_ids.clone(), out.clone()))
         return out
 
