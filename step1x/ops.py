@@ -23,9 +23,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     try:
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
-    except TypeError:  # torch < 2.4 has no per-device query
+    except (TypeError, AttributeError):  # torch < 2.4 has no per-device query
         if device_type == "cuda" and torch.is_autocast_enabled():
             return torch.get_autocast_gpu_dtype()
+        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
     return x.dtype
 
 
