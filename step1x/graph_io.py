@@ -70,13 +70,20 @@ def check_latent(latent, what: str = "latent") -> Tensor:
     return samples
 
 
-def check_settings(steps: int, cfg: float, renorm_threshold: float, denoise: float) -> None:
+def check_sampling(steps: int, cfg: float, renorm_threshold: float) -> None:
+    """Steps, guidance scale and renorm threshold, checked alike for the sampler node and for
+    :class:`step1x.pipeline.EditOptions` (the command line and scripts)."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps!r}; 28 is the official setting")
     if not math.isfinite(cfg):
         raise ValueError(f"cfg is {cfg}; set a finite number (6.0 is the official setting)")
     if not (0.0 <= renorm_threshold <= 1.0):
         raise ValueError(f"renorm_threshold must be within [0, 1], got {renorm_threshold} (0.93 official, 1.0 = off)")
+
+
+def check_settings(steps: int, cfg: float, renorm_threshold: float, denoise: float) -> None:
+    """The sampler node's settings: :func:`check_sampling` and ``denoise`` in (0, 1]."""
+    check_sampling(steps, cfg, renorm_threshold)
     if not (0.0 < denoise <= 1.0) or not math.isfinite(denoise):
         raise ValueError(f"denoise must be within (0, 1], got {denoise}; 1.0 edits from pure noise")
 

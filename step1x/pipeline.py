@@ -17,6 +17,7 @@ from PIL import Image
 from .autoencoder import AutoEncoder
 from .configs import T2I_NEGATIVE_PROMPT
 from .geometry import check_dims, resize_to_size_level, restore_size
+from .graph_io import check_sampling
 from .image_io import pil_to_tensor, tensor_to_pil
 from .loading import inspect_dit, load_dit, load_vae
 from .lora import LoraHandle, apply_lora, load_lora
@@ -50,10 +51,7 @@ class EditOptions:
     """TeaCache threshold (0: off; 0.2: the official default). Faster, slightly different results."""
 
     def validate(self) -> None:
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
-        if not (self.cfg_scale == self.cfg_scale) or abs(self.cfg_scale) == float("inf"):
-            raise ValueError(f"cfg must be a finite number, got {self.cfg_scale}")
+        check_sampling(self.steps, self.cfg_scale, self.renorm_threshold)
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be within [0, 1], got {self.strength}")
         if not self.teacache >= 0:

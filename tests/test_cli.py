@@ -176,3 +176,15 @@ def test_a_negative_teacache_threshold_is_refused(tmp_path, capsys):
     seeded_image(64, 64).save(tmp_path / "a.png")
     assert edit(str(tmp_path / "a.png"), "-p", "x", "-o", str(tmp_path / "out"), "--teacache", "-1") == 2
     assert "teacache threshold" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--steps", "0", "steps must be at least 1, got 0; 28 is the official setting"),
+    ("--cfg", "nan", "cfg is nan; set a finite number"),
+    ("--renorm-threshold", "1.5", "renorm_threshold must be within [0, 1], got 1.5"),
+])
+def test_sampling_settings_are_checked_as_the_sampler_node_checks_them(tmp_path, capsys, option, value, message):
+    seeded_image(64, 64).save(tmp_path / "a.png")
+    assert main(["edit", str(tmp_path / "a.png"), "-p", "x", "-o", str(tmp_path / "out"), option, value]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
