@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .attention import backend_names
 from .loading import WEIGHT_DTYPES
 
 DTYPE_CHOICES = ("bf16", "fp16", "fp32")
@@ -63,7 +64,8 @@ def _edit_parser(sub) -> None:
     h.add_argument("--mllm-dtype", choices=DTYPE_CHOICES, help="MLLM dtype (default: --dtype)")
     h.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="default",
                    help="storage of the DiT block weights; fp8_e4m3fn halves their memory")
-    h.add_argument("--attention", default="auto", help="attention backend: auto, sdpa, flash, xformers")
+    h.add_argument("--attention", choices=backend_names(), default="auto",
+                   help="attention backend (auto); an uninstalled one fails with an install hint")
     h.add_argument("--offload", action="store_true", help="keep each model on the CPU until its stage runs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 

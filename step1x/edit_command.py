@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
+from .attention import AttentionBackendError, select_backend
 from .batch import BatchReport, run_batch
 from .geometry import check_dims
 from .jobs import JobError, edit_jobs, prepare_output_dir, read_prompts, single_edit_job, t2i_jobs
 from .loading import inspect_dit
 from .lora import check_lora
 from .model import Step1XEdit
-from .model_files import resolve_models
-from .pipeline import EditOptions, Step1XPipeline, default_device
+from .pipeline import EditOptions, Step1XPipeline, default_device, find_models
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -111,14 +111,13 @@ def check_loras(values: list[str], dit: Path) -> list[tuple[Path, float]]:
     return loras
 
 
-def load_pipeline(args: Namespace, loras: list[tuple[Path, float]] = ()) -> Step1XPipeline:
-    device = parse_device(args.device)
-    mllm_device = parse_device(args.mllm_device) if args.mllm_device else None
-    return Step1XPipeline.from_folder(
-        args.models, version=args.version, dit=args.dit, vae=args.vae, mllm=args.mllm, tokenizer_dir=args.tokenizer,
-        device=device, mllm_device=mllm_device, compute_dtype=DTYPES[args.dtype],
-        mllm_dtype=DTYPES[args.mllm_dtype] if args.mllm_dtype else None, weight_dtype=args.weight_dtype,
-        attention=args.attention, offload=args.offload, loras=loras,
+def pipeline_settings(args: Namespace) -> dict:
+    """The keyword arguments of :meth:`Step1XPipeline.from_files` other than the files, checked (devices,
+    attention backend) before any model loads."""
+    return dict(
+        device=parse_device(args.device), mllm_device=parse_device(args.mllm_device) if args.mllm_device else None,
+        compute_dtype=DTYPES[args.dtype], mllm_dtype=DTYPES[args.mllm_dtype] if args.mllm_dtype else None,
+        weight_dtype=args.weight_dtype, attention=select_backend(args.attention), offload=args.offload,
     )
 
 
@@ -129,11 +128,13 @@ def _say(text: str) -> None:
 def run_edit(args: Namespace) -> int:
     try:
         options = options_from(args)
+        settings = pipeline_settings(args)
         jobs, input_dir = plan_jobs(args)
-        paths = resolve_models(args.models, version=args.version, dit=args.dit, vae=args.vae, mllm=args.mllm)
+        paths = find_models(args.models, version=args.version, dit=args.dit, vae=args.vae, mllm=args.mllm,
+                            tokenizer=args.tokenizer)
         loras = check_loras(args.lora, paths.dit)
         prepare_output_dir(args.output_dir, jobs, input_dir, overwrite=args.overwrite)
-    except (UsageError, JobError, ValueError, OSError) as exc:
+    except (UsageError, JobError, ValueError, OSError, AttentionBackendError) as exc:
         _say(f"error: {exc}")
         return 2
     missing = [j.name for j in jobs if j.source is not None and not j.source.is_file()]
@@ -145,8 +146,9 @@ def run_edit(args: Namespace) -> int:
              f"{' ...' if len(missing) > 5 else ''}")
     t0 = time.perf_counter()
     try:
-        pipe = load_pipeline(args, loras)
-    except (UsageError, ValueError, OSError, RuntimeError) as exc:
+        pipe = Step1XPipeline.from_files(paths.dit, paths.vae, paths.mllm, tokenizer_dir=paths.tokenizer, loras=loras,
+                                         **settings)
+    except (ValueError, OSError, RuntimeError) as exc:
         _say(f"error: {exc}")
         return 2
     report = BatchReport(load_seconds=time.perf_counter() - t0)

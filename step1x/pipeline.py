@@ -22,7 +22,7 @@ from .image_io import pil_to_tensor, tensor_to_pil
 from .loading import inspect_dit, load_dit, load_vae
 from .lora import LoraHandle, apply_lora, load_lora
 from .model import Step1XEdit
-from .model_files import ModelFilesError, resolve_models
+from .model_files import ModelFilesError, ModelPaths, resolve_models
 from .sampling import StepInfo, TextConditioning, autocast_for, denoise, make_noise
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,18 @@ def vae_device(vae: torch.nn.Module) -> torch.device:
     return next(vae.parameters()).device
 
 
+def find_models(folder: str | Path | None = None, *, version: str | None = None, dit: str | Path | None = None,
+                vae: str | Path | None = None, mllm: str | Path | None = None,
+                tokenizer: str | Path | None = None) -> ModelPaths:
+    """:func:`~step1x.model_files.resolve_models`, then a check that the DiT found is a Step1X-Edit DiT of
+    ``version`` (when given). Reads only the DiT's header, so it costs nothing before a load."""
+    paths = resolve_models(folder, version=version, dit=dit, vae=vae, mllm=mllm, tokenizer=tokenizer)
+    found = inspect_dit(paths.dit).version
+    if version is not None and found != version:
+        raise ModelFilesError(f"{paths.dit.name} is Step1X-Edit {found}, but version {version} was asked for")
+    return paths
+
+
 class Step1XPipeline:
     """Holds the three models and runs edits. With ``offload`` each model sits on the CPU until its stage
     runs, so the MLLM (about 16 GB in bf16) and the DiT (about 25 GB, 12.5 GB in fp8) never share the GPU."""
@@ -138,10 +150,7 @@ class Step1XPipeline:
                     tokenizer_dir: str | Path | None = None, **kwargs) -> "Step1XPipeline":
         """Load from a models folder in the standalone or ComfyUI layout (see :mod:`step1x.model_files`);
         any of the three paths may be given instead. Other arguments are those of :meth:`from_files`."""
-        paths = resolve_models(folder, version=version, dit=dit, vae=vae, mllm=mllm, tokenizer=tokenizer_dir)
-        found = inspect_dit(paths.dit).version
-        if version is not None and found != version:
-            raise ModelFilesError(f"{paths.dit.name} is Step1X-Edit {found}, but version {version} was asked for")
+        paths = find_models(folder, version=version, dit=dit, vae=vae, mllm=mllm, tokenizer=tokenizer_dir)
         return cls.from_files(paths.dit, paths.vae, paths.mllm, tokenizer_dir=paths.tokenizer, **kwargs)
 
     def add_lora(self, path: str | Path, strength: float = 1.0) -> LoraHandle:

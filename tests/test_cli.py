@@ -151,7 +151,7 @@ def test_asking_for_a_version_the_file_is_not_fails(tiny_models, tmp_path, capsy
     seeded_image(32, 32).save(tmp_path / "a.png")
     rc = edit(str(tmp_path / "a.png"), "-p", "x", "-o", str(tmp_path / "out"), "--models", str(tiny_models),
               "--dit", str(tiny_models / "step1x-edit-v1p1-official.safetensors"), "--version", "v1.0")
-    assert rc == 2
+    assert rc == 2 and not (tmp_path / "out").exists()
     assert "is Step1X-Edit v1.1, but version v1.0 was asked for" in capsys.readouterr().err
 
 
@@ -188,3 +188,25 @@ def test_sampling_settings_are_checked_as_the_sampler_node_checks_them(tmp_path,
     assert main(["edit", str(tmp_path / "a.png"), "-p", "x", "-o", str(tmp_path / "out"), option, value]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_uninstalled_attention_backend_stops_the_run_before_any_model_loads(tiny_models, tmp_path, capsys):
+    from importlib.util import find_spec
+
+    if find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    seeded_image(64, 64).save(tmp_path / "a.png")
+    rc = edit(str(tmp_path / "a.png"), "-p", "x", "-o", str(tmp_path / "out"), "--models", str(tiny_models),
+              "--attention", "flash")
+    err = capsys.readouterr().err
+    assert rc == 2 and not (tmp_path / "out").exists()
+    assert "'flash' needs the package 'flash_attn'" in err and "pip install flash-attn" in err and "loaded" not in err
+
+
+def test_a_device_that_does_not_exist_stops_the_run_before_any_model_loads(tiny_models, tmp_path, capsys):
+    seeded_image(64, 64).save(tmp_path / "a.png")
+    rc = main(["edit", str(tmp_path / "a.png"), "-p", "x", "-o", str(tmp_path / "out"), "--models", str(tiny_models),
+               "--device", "cuda:99", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and not (tmp_path / "out").exists()
+    assert "device cuda:99" in err and "loaded" not in err
