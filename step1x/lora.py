@@ -20,6 +20,7 @@ read; each ends on an official key such as ``double_blocks.0.img_attn.qkv.weight
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -132,6 +133,8 @@ class LoraPlan:
     """What a LoRA file will change in a DiT, checked from the file header alone (no tensor data)."""
 
     header: Header
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """(out, in) of every Linear layer of the DiT (:func:`linear_shapes`)."""
     targets: dict[str, list[_Part]] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
@@ -232,7 +235,7 @@ def check_lora(path: str | os.PathLike, model: nn.Module) -> LoraPlan:
     modules, other = _group(header)
     shapes = linear_shapes(model)
     kohya = _kohya_names(shapes)
-    plan = LoraPlan(header, ignored=list(other))
+    plan = LoraPlan(header, shapes, ignored=list(other))
     for name in sorted(modules):
         found = _translate(name, shapes, kohya)
         if found is None:
@@ -246,14 +249,14 @@ def check_lora(path: str | os.PathLike, model: nn.Module) -> LoraPlan:
                  f"{', '.join(names[:3])})" if names else f"it has no LoRA tensors (keys like {', '.join(other[:3])})")
         raise CheckpointError(f"{header.path.name} is {_describe(names) if names else 'not a LoRA'}: {found}. "
                               f"Expected a Step1X-Edit LoRA with keys like {EXPECTED}; nothing was applied.")
-    _check_shapes(plan, shapes)
+    _check_shapes(plan)
     return plan
 
 
-def _check_shapes(plan: LoraPlan, shapes) -> None:
+def _check_shapes(plan: LoraPlan) -> None:
     tensors, wrong = plan.header.tensors, []
     for target, parts in plan.targets.items():
-        out, inp = shapes[target[: -len(".weight")]]
+        out, inp = plan.shapes[target[: -len(".weight")]]
         if len(parts) > 1 and (any(p.part is None for p in parts) or len({p.part for p in parts}) < len(parts)):
             raise CheckpointError(
                 f"{plan.header.path.name}: {', '.join(p.name for p in parts)} all change {target}; a LoRA file holds "
@@ -298,7 +301,6 @@ def load_lora(path: str | os.PathLike, model: nn.Module) -> LoraPatch:
     Modules that match nothing are logged as a warning and kept in ``unmatched``."""
     plan = check_lora(path, model)
     _report(plan)
-    shapes = linear_shapes(model)
     modules = []
     with open_tensors(plan.header.path) as f:
         for target, parts in plan.targets.items():
@@ -307,7 +309,7 @@ def load_lora(path: str | os.PathLike, model: nn.Module) -> LoraPatch:
                 down = f.get_tensor(p.keys["down"])
                 alpha = f.get_tensor(p.keys["alpha"]) if "alpha" in p.keys else None
                 loaded.append((p, f.get_tensor(p.keys["up"]), down, _scale(alpha, down.shape[0])))
-            modules.append(_module(target, loaded, shapes[target[: -len(".weight")]]))
+            modules.append(_module(target, loaded, plan.shapes[target[: -len(".weight")]]))
     return LoraPatch(plan.header.path, plan.layouts, tuple(modules), tuple(plan.unmatched), tuple(plan.ignored))
 
 
@@ -424,8 +426,7 @@ def apply_lora(model: nn.Module, patch: LoraPatch, strength: float = 1.0, *,
         if params[module.target].dtype in FP8_DTYPES:
             linear = layers[module.target[: -len(".weight")]]
             branch = LoraBranch(module.up, module.down, strength * module.scale).to(params[module.target].device)
-            name = next(f"lora_branch_{i}" for i in range(len(handle.branches) + 64)
-                        if not hasattr(linear, f"lora_branch_{i}"))
+            name = next(f"lora_branch_{i}" for i in itertools.count() if not hasattr(linear, f"lora_branch_{i}"))
             linear.add_module(name, branch)
             handle.branches.append((linear, name, linear.register_forward_hook(branch.hook)))
         else:

@@ -194,6 +194,24 @@ def test_fp8_weights_keep_their_bits_and_get_an_exact_low_rank_branch(model, tmp
     assert not [n for n, _ in model.named_modules() if "lora_branch" in n]
 
 
+def test_two_loras_on_an_fp8_weight_get_a_branch_each_and_come_off_one_at_a_time(model, tmp_path, tiny_text):
+    layer = LAYERS[0]
+    for name in ("a", "b"):
+        kohya_lora(tmp_path / f"{name}.safetensors", model, layers=(layer,))
+    cast_model(model, torch.float32, "fp8_e4m3fn")
+    linear = dict(model.named_modules())[layer]
+    base = edit(model, tiny_text)
+    first = apply_lora(model, load_lora(tmp_path / "a.safetensors", model), 1.0)
+    with_first = edit(model, tiny_text)
+    second = apply_lora(model, load_lora(tmp_path / "b.safetensors", model), 1.0)
+    assert [n for n, _ in linear.named_children()] == ["lora_branch_0", "lora_branch_1"]
+    first.remove()
+    assert [n for n, _ in linear.named_children()] == ["lora_branch_1"]
+    assert torch.equal(edit(model, tiny_text), with_first)  # the two files hold the same LoRA
+    second.remove()
+    assert torch.equal(edit(model, tiny_text), base) and not list(linear.named_children())
+
+
 # ----------------------------------------------------------------------------------------------- errors
 
 
