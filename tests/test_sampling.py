@@ -64,8 +64,17 @@ def test_img2img_start_index_truncates_like_the_official_code(strength, expected
 
 
 def test_noise_is_seeded_and_device_independent():
-    assert torch.equal(make_noise((1, 16, 4, 4), 42), make_noise((1, 16, 4, 4), 42))
-    assert not torch.equal(make_noise((1, 16, 4, 4), 42), make_noise((1, 16, 4, 4), 43))
+    noise = make_noise((1, 16, 4, 4), 42)
+    assert noise.device.type == "cpu" and noise.dtype == torch.float32
+    assert torch.equal(noise, make_noise((1, 16, 4, 4), 42))
+    assert not torch.equal(noise, make_noise((1, 16, 4, 4), 43))
+
+
+def test_noise_is_comfyui_noise_for_the_same_seed():
+    """ComfyUI's ``prepare_noise``: ``torch.randn`` in float32 on the CPU from ``torch.manual_seed(seed)``."""
+    with torch.random.fork_rng(devices=[]):
+        expected = torch.randn((2, 16, 4, 6), generator=torch.manual_seed(123), dtype=torch.float32, device="cpu")
+    assert torch.equal(make_noise((2, 16, 4, 6), 123), expected)
 
 
 def test_reference_ids_follow_the_noisy_ids():
