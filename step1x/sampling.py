@@ -107,11 +107,10 @@ def renorm_divisor(diff_norm: Tensor, k: float = 0.4) -> Tensor:
 def guidance(cond: Tensor, uncond: Tensor, scale: float, t_curr: float, renorm_threshold: float) -> Tensor:
     """True CFG; while ``t_curr > renorm_threshold`` the difference is divided by
     ``max(||cond - uncond||, 1) ** 0.4`` per token (norm over channels)."""
+    diff = cond - uncond
     if t_curr > renorm_threshold:
-        diff = cond - uncond
-        diff_norm = torch.norm(diff, dim=(2), keepdim=True)
-        return uncond + scale * (cond - uncond) / renorm_divisor(diff_norm, k=0.4)
-    return uncond + scale * (cond - uncond)
+        return uncond + scale * diff / renorm_divisor(torch.norm(diff, dim=2, keepdim=True), k=0.4)
+    return uncond + scale * diff
 
 
 # ------------------------------------------------------------------------------------------------ denoise
