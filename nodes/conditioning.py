@@ -65,7 +65,7 @@ class InstructionEncode:
         mask = torch.stack([p.mask for p in pairs]).to(out)
         cond = TextConditioning(emb[:, 0], mask[:, 0])
         uncond = TextConditioning(emb[:, 1], mask[:, 1])
-        return (InstructionEmbeds(cond, uncond, encoder.hidden_size, working, mllm.name),)
+        return (InstructionEmbeds(cond, uncond, working, mllm.name),)
 
 
 class Connector:

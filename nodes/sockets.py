@@ -56,9 +56,13 @@ class InstructionEmbeds:
 
     cond: TextConditioning
     uncond: TextConditioning
-    hidden_size: int
     working_size: tuple[int, int] | None
     source: str
+
+    @property
+    def hidden_size(self) -> int:
+        """The MLLM's width, which the connector must take."""
+        return self.cond.llm_embedding.shape[-1]
 
     @property
     def text_to_image(self) -> bool:

@@ -110,7 +110,7 @@ def fake_embeds(pack, hidden: int = 64, working=(64, 48), batch: int = 1, length
         mask = torch.zeros(batch, length, dtype=torch.long)
         mask[:, :valid] = 1
         sides.append(sampling.TextConditioning(emb.to(torch.bfloat16), mask))
-    return sockets.InstructionEmbeds(sides[0], sides[1], hidden, working, "random test embeddings")
+    return sockets.InstructionEmbeds(sides[0], sides[1], working, "random test embeddings")
 
 
 STEPS = 3
