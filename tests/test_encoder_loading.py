@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 
 import pytest
@@ -54,6 +55,17 @@ def test_folder_load_has_no_meta_and_no_lm_head(tiny_encoder):
     assert tiny_encoder.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert model.config.vision_config._attn_implementation == "sdpa"
+
+
+def test_a_config_json_without_the_default_valued_fields_loads(tiny_assets, image, reference, tmp_path):
+    """transformers' save_pretrained (4.49 included) leaves out fields that equal its defaults."""
+    folder = shutil.copytree(tiny_assets.folder, tmp_path / "sparse_config")
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("patch_size", "temporal_patch_size", "spatial_merge_size"):
+        config["vision_config"].pop(key, None)
+    (folder / "config.json").write_text(json.dumps(config))
+    out = _encode(load_tiny(folder, tiny_assets), image)
+    torch.testing.assert_close(out.embedding, reference.embedding, atol=0, rtol=0)
 
 
 def test_single_file_matches_folder(tiny_assets, image, reference):

@@ -8,7 +8,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from .checkpoint import Checkpoint, CheckpointError
-from .spec import KNOWN
+from .spec import KNOWN, make_config, text_config
 
 EMBED = "model.embed_tokens.weight"
 LAYER0 = "model.layers.0."
@@ -101,28 +101,27 @@ def read_shapes(ckpt: Checkpoint) -> Shapes:
     )
 
 
-def expected_shapes(config: dict) -> Shapes:
-    """The shapes a config (published config.json layout) implies."""
-    text = config.get("text_config") or config
-    vision = config["vision_config"]
-    hidden = text.get("hidden_size", config.get("hidden_size"))
-    heads = text.get("num_attention_heads", config.get("num_attention_heads"))
-    kv_heads = text.get("num_key_value_heads", config.get("num_key_value_heads"))
-    head_dim = text.get("head_dim") or hidden // heads
+def expected_shapes(config) -> Shapes:
+    """The shapes a transformers ``Qwen2_5_VLConfig`` implies. Reading the config object rather than the
+    config.json dict fills in transformers' defaults for the fields a saved config.json leaves out
+    (``save_pretrained`` writes only the values that differ from them)."""
+    text, vision = text_config(config), config.vision_config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return Shapes(
-        vocab=text.get("vocab_size", config.get("vocab_size")),
-        hidden=hidden,
-        layers=text.get("num_hidden_layers", config.get("num_hidden_layers")),
-        intermediate=text.get("intermediate_size", config.get("intermediate_size")),
+        vocab=text.vocab_size,
+        hidden=text.hidden_size,
+        layers=text.num_hidden_layers,
+        intermediate=text.intermediate_size,
         q_out=heads * head_dim,
-        kv_out=kv_heads * head_dim,
-        vision_depth=vision["depth"],
-        vision_hidden=vision["hidden_size"],
-        vision_intermediate=vision["intermediate_size"],
-        vision_out=vision["out_hidden_size"],
-        patch=vision["patch_size"],
-        temporal_patch=vision.get("temporal_patch_size", 2),
-        merge=vision.get("spatial_merge_size", 2),
+        kv_out=text.num_key_value_heads * head_dim,
+        vision_depth=vision.depth,
+        vision_hidden=vision.hidden_size,
+        vision_intermediate=vision.intermediate_size,
+        vision_out=vision.out_hidden_size,
+        patch=vision.patch_size,
+        temporal_patch=vision.temporal_patch_size,
+        merge=vision.spatial_merge_size,
     )
 
 
@@ -131,23 +130,28 @@ def _difference(found: Shapes, expected: Shapes) -> str:
     return ", ".join(f"{k} {a[k]} (expected {b[k]})" for k in a if a[k] != b[k])
 
 
-def check_shapes(ckpt: Checkpoint, config: dict, config_source: object) -> None:
-    found, expected = read_shapes(ckpt), expected_shapes(config)
+def checked_config(ckpt: Checkpoint, config: dict, config_source: object):
+    """The transformers config of ``config`` (config.json layout), once the checkpoint is known to be a
+    Qwen2.5-VL with exactly its shapes; a CheckpointError naming the differences otherwise."""
+    found = read_shapes(ckpt)
+    model_config = make_config(config, config_source)
+    expected = expected_shapes(model_config)
     if found != expected:
         raise CheckpointError(
             f"{ckpt.path} does not match {config_source}: {_difference(found, expected)}. "
             "Use the weights and config.json of the same model."
         )
+    return model_config
 
 
 def infer_config(ckpt: Checkpoint) -> tuple[str, dict]:
     """(name, config) of the known model whose shapes the checkpoint has; a CheckpointError otherwise."""
     found = read_shapes(ckpt)
     for name, config in KNOWN.items():
-        if expected_shapes(config) == found:
+        if expected_shapes(make_config(config, name)) == found:
             return name, copy.deepcopy(config)
     name, config = next(iter(KNOWN.items()))
     raise CheckpointError(
         f"{ckpt.path} is a Qwen2.5-VL model but not {name}: found {found.describe()}; expected "
-        f"{expected_shapes(config).describe()}. Step1X-Edit was trained with {name}. {FIX}"
+        f"{expected_shapes(make_config(config, name)).describe()}. Step1X-Edit was trained with {name}. {FIX}"
     )

@@ -10,9 +10,9 @@ import torch
 from .build import assign_weights, empty_model
 from .checkpoint import CheckpointError, open_checkpoint
 from .encoder import TextEncoder
-from .identify import check_shapes, infer_config
+from .identify import checked_config, infer_config
 from .image_chain import make_image_processor
-from .spec import make_config, read_config_json
+from .spec import read_config_json
 from .tokens import TokenizerError, has_tokenizer_files, load_tokenizer
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -48,8 +48,7 @@ def load_text_encoder(
     device = torch.device(device)
     ckpt = open_checkpoint(path)
     config_data, config_source = _config_for(ckpt, config)
-    check_shapes(ckpt, config_data, config_source)
-    model_config = make_config(config_data, config_source)
+    model_config = checked_config(ckpt, config_data, config_source)
     model = empty_model(model_config)
     assign_weights(model, ckpt, device=device, dtype=dtype, keep_fp8=keep_fp8)
     tokenizer = load_tokenizer(_tokenizer_folder(path, ckpt.kind, tokenizer_dir))
