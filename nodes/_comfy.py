@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from ..step1x.model_files import COMFY_DIRS, COMFY_TOKENIZER
+
 try:  # inside ComfyUI
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -229,8 +231,8 @@ def _comfy_lora(module):
 # ----------------------------------------------------------------------------------------- model files
 
 _HEADLESS_FOLDERS: dict[str, list[Path]] = {}
-FOLDER_ALIASES = {"diffusion_models": ("diffusion_models", "unet"), "text_encoders": ("text_encoders", "clip"),
-                  "vae": ("vae",)}
+FOLDER_ALIASES = {names[0]: names for names in COMFY_DIRS.values()}
+"""ComfyUI's folder key and its legacy alias, per model kind (``diffusion_models``: ``unet`` ...)."""
 
 
 def register_model_folder(kind: str, path: str | os.PathLike) -> None:
@@ -303,7 +305,7 @@ def default_tokenizer_dir() -> Path | None:
     """The Qwen2.5 tokenizer to use for single-file MLLMs: the copy ComfyUI ships (for Qwen-Image), else
     ``STEP1X_QWEN_TOKENIZER``."""
     if IN_COMFYUI:
-        path = Path(comfy.utils.__file__).parent / "text_encoders" / "qwen25_tokenizer"
+        path = Path(comfy.utils.__file__).parents[1] / COMFY_TOKENIZER
         if path.is_dir():
             return path
     value = os.environ.get("STEP1X_QWEN_TOKENIZER")
