@@ -109,7 +109,7 @@ def find_models(folder: str | Path | None = None, *, version: str | None = None,
 
 class Step1XPipeline:
     """Holds the three models and runs edits. With ``offload`` each model sits on the CPU until its stage
-    runs, so the MLLM (about 16 GB in bf16) and the DiT (about 25 GB, 12.5 GB in fp8) never share the GPU."""
+    runs, so the MLLM (about 16 GB in bf16) and the DiT (about 25 GB, 13 GB in fp8) never share the GPU."""
 
     def __init__(self, dit: Step1XEdit, vae: AutoEncoder, encoder, *, device: torch.device,
                  compute_dtype: torch.dtype = torch.bfloat16, offload: bool = False,
