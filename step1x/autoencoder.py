@@ -173,10 +173,6 @@ class AutoEncoder(nn.Module):
         self.scale_factor = params.scale_factor
         self.shift_factor = params.shift_factor
 
-    @property
-    def downscale(self) -> int:
-        return 2 ** (len(self.params.ch_mult) - 1)
-
     def moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and log-variance of the latent Gaussian for images ``x`` in [-1, 1] (B, 3, H, W)."""
         mean, logvar = torch.chunk(self.encoder(x), 2, dim=1)

@@ -78,12 +78,3 @@ class CastOps:
     Conv2d = CastConv2d
     GroupNorm = CastGroupNorm
     LayerNorm = CastLayerNorm
-
-
-class TorchOps:
-    """Plain torch layers (weights must already be in the compute dtype and on the compute device)."""
-
-    Linear = nn.Linear
-    Conv2d = nn.Conv2d
-    GroupNorm = nn.GroupNorm
-    LayerNorm = nn.LayerNorm

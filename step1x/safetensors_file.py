@@ -51,9 +51,6 @@ class Header:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
 
-    def torch_dtype(self, key: str) -> torch.dtype:
-        return DTYPES[self.tensors[key].dtype]
-
 
 def read_header(path: str | os.PathLike) -> Header:
     """Parse and check a safetensors header without reading tensor data."""

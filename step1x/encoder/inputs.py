@@ -33,10 +33,6 @@ class EncoderInputs:
     kept: tuple[int, int]  # [start, stop) of the hidden states that become the embedding
 
     @property
-    def seq_len(self) -> int:
-        return self.input_ids.shape[1]
-
-    @property
     def run_length(self) -> int:
         """Tokens the model must see: later ones cannot change earlier hidden states (causal attention),
         but the image tokens must all be present."""
