@@ -80,8 +80,9 @@ def test_a_connector_lora_reaches_the_sampler_through_a_conditioning_of_the_base
 
 def test_strength_zero_is_the_base_model(pack, base, loras):
     conditioning = bind(pack, base, fake_embeds(pack))
-    assert torch.equal(edit(pack, apply(pack, base, "blocks.safetensors", 0.0), conditioning),
-                       edit(pack, base, conditioning))
+    unchanged = apply(pack, base, "blocks.safetensors", 0.0)
+    assert unchanged is base, "strength 0 returns the input model itself"
+    assert torch.equal(edit(pack, unchanged, conditioning), edit(pack, base, conditioning))
 
 
 def test_chained_loaders_add_their_loras(pack, base, loras):
