@@ -7,6 +7,7 @@ one stage per node.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -73,8 +74,7 @@ def encode_reference(vae: AutoEncoder, images: list[Image.Image], device: torch.
     ``autocast_dtype`` reproduces the official encode under bf16 autocast on CUDA."""
     pixels = torch.stack([pil_to_tensor(im) for im in images]).to(device) * 2 - 1
     generator = torch.Generator().manual_seed(int(seed)) if sample else None
-    ctx = autocast_for(device, autocast_dtype) if autocast_dtype is not None else autocast_for(device, torch.float32)
-    with torch.no_grad(), ctx:
+    with torch.no_grad(), autocast_for(device, autocast_dtype or torch.float32):
         pixels = pixels.to(vae_dtype(vae))
         z = vae.encode(pixels, sample=sample, generator=generator)
     return z.float()
@@ -199,8 +199,6 @@ class Step1XPipeline:
     def edit(self, image: Image.Image, prompt: str, options: EditOptions | None = None,
              callback: Callable[[StepInfo], None] | None = None, timings: Timings | None = None) -> Image.Image:
         """Edit ``image`` following ``prompt``; returns the result at the input size (or the working size)."""
-        import time
-
         options = options or EditOptions()
         options.validate()
         timings = timings if timings is not None else Timings()
@@ -220,8 +218,6 @@ class Step1XPipeline:
                       callback: Callable[[StepInfo], None] | None = None,
                       timings: Timings | None = None) -> Image.Image:
         """Generate an image from text (v1.1). ``width``/``height`` must be multiples of 16."""
-        import time
-
         options = options or EditOptions()
         options.validate()
         check_dims(width, height)
@@ -235,11 +231,8 @@ class Step1XPipeline:
         return self._sample_and_decode((1, 16, height // 8, width // 8), None, cond, uncond, options, callback, timings)
 
     def _sample_and_decode(self, shape, reference, cond, uncond, options, callback, timings) -> Image.Image:
-        import time
-
         t0 = time.perf_counter()
-        if self.offload:
-            self._off_device(self.vae)
+        self._off_device(self.vae)
         dit = self._on_device(self.dit)
         try:
             with torch.no_grad():
