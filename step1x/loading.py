@@ -289,24 +289,38 @@ def inspect_vae(path: str | os.PathLike) -> tuple[Header, str, AutoEncoderParams
             f"{header.path.name} is {describe(header)}, not a VAE. Expected the FLUX VAE: Step1X-Edit's "
             "vae.safetensors or FLUX's ae.safetensors."
         )
+    return header, prefix, _vae_params(header, prefix)
+
+
+def _vae_params(header: Header, prefix: str) -> AutoEncoderParams:
     meta = header.metadata.get(CONFIG_METADATA_KEY)
     if meta:
-        return header, prefix, AutoEncoderParams.from_dict(json.loads(meta))
-    s = lambda key: header.tensors[prefix + key].shape  # noqa: E731
-    z_channels = s("encoder.conv_out.weight")[0] // 2
-    if z_channels != 16:
-        raise CheckpointError(
-            f"{header.path.name} is a {z_channels}-channel VAE (SD1.x/SDXL style); Step1X-Edit needs the "
-            "16-channel FLUX VAE (vae.safetensors from Step1X-Edit or ae.safetensors from FLUX)."
+        try:
+            return AutoEncoderParams.from_dict(json.loads(meta))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CheckpointError(
+                f"{header.path.name}: its {CONFIG_METADATA_KEY} metadata is invalid ({exc})") from None
+    s = lambda key: _shape(header, prefix, key)  # noqa: E731
+    try:
+        z_channels = s("encoder.conv_out.weight")[0] // 2
+        if z_channels != 16:
+            raise CheckpointError(
+                f"{header.path.name} is a {z_channels}-channel VAE (SD1.x/SDXL style); Step1X-Edit needs the "
+                "16-channel FLUX VAE (vae.safetensors from Step1X-Edit or ae.safetensors from FLUX)."
+            )
+        ch = s("encoder.conv_in.weight")[0]
+        levels = _count(header.tensors, re.escape(prefix) + r"encoder\.down\.(\d+)\.")
+        mult = tuple(s(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(levels))
+        res_blocks = _count(header.tensors, re.escape(prefix) + r"encoder\.down\.0\.block\.(\d+)\.")
+        return AutoEncoderParams(
+            in_channels=s("encoder.conv_in.weight")[1], ch=ch, out_ch=s("decoder.conv_out.weight")[0],
+            ch_mult=mult, num_res_blocks=res_blocks, z_channels=z_channels,
         )
-    ch = s("encoder.conv_in.weight")[0]
-    levels = _count(keys, re.escape(prefix) + r"encoder\.down\.(\d+)\.")
-    mult = tuple(s(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(levels))
-    res_blocks = _count(keys, re.escape(prefix) + r"encoder\.down\.0\.block\.(\d+)\.")
-    return header, prefix, AutoEncoderParams(
-        in_channels=s("encoder.conv_in.weight")[1], ch=ch, out_ch=s("decoder.conv_out.weight")[0],
-        ch_mult=mult, num_res_blocks=res_blocks, z_channels=z_channels,
-    )
+    except KeyError as exc:
+        raise CheckpointError(
+            f"{header.path.name} looks like a VAE but lacks {exc.args[0]!r}; the file is incomplete or from an "
+            "unsupported conversion. Download vae.safetensors (Step1X-Edit) or ae.safetensors (FLUX) again."
+        ) from None
 
 
 def load_vae(path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

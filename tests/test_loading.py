@@ -161,6 +161,22 @@ def test_four_channel_vae_is_refused(tmp_path):
         load_vae(tmp_path / "sdxl_vae.safetensors")
 
 
+def test_a_vae_lacking_a_tensor_its_shape_is_read_from_is_named(tmp_path, official_dir):
+    state = load_file(official_dir / "vae_weights.safetensors")
+    del state["encoder.conv_out.weight"]
+    save_file(state, str(tmp_path / "cut_vae.safetensors"))
+    with pytest.raises(CheckpointError, match=r"cut_vae\.safetensors looks like a VAE but lacks 'encoder\.conv_out"):
+        load_vae(tmp_path / "cut_vae.safetensors")
+
+
+@pytest.mark.parametrize("loader, weights", [(load_dit, "dit_v10_weights"), (load_vae, "vae_weights")])
+def test_invalid_config_metadata_is_named(tmp_path, official_dir, loader, weights):
+    save_file(load_file(official_dir / f"{weights}.safetensors"), str(tmp_path / "bad_meta.safetensors"),
+              metadata={"step1x_config": "{not json"})
+    with pytest.raises(CheckpointError, match=r"bad_meta\.safetensors: its step1x_config metadata is invalid"):
+        loader(tmp_path / "bad_meta.safetensors")
+
+
 def test_metadata_config_round_trips(tmp_path):
     params = replace(TINY_DIT, num_heads=2, axes_dim=(8, 12, 12))
     save_with_config(Step1XEdit(params).state_dict(), tmp_path / "m.safetensors", params)
