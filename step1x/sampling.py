@@ -270,8 +270,8 @@ def denoise(
 
 def _predict(model, connector, img, img_ids, txt_ids, t_vec, llm, txt_mask, pe, sequential: bool, batch: int,
              caches: list[TeaCache | None]):
-    """One DiT evaluation over the whole [cond; uncond] batch, or one half at a time. Every argument but
-    ``batch`` and ``caches`` holds one row per row of ``img``."""
+    """One DiT evaluation over the whole [cond; uncond] batch, or one half at a time. The tensor arguments
+    hold one row per row of ``img``."""
     rows = img.shape[0]
     if not sequential or rows == batch:
         txt, y = connector(llm, t_vec, txt_mask)
