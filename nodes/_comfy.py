@@ -118,19 +118,27 @@ def _autocast_aware_ops():
     global _AUTOCAST_OPS
     if _AUTOCAST_OPS is not None:
         return _AUTOCAST_OPS
+    import inspect
+
     from ..step1x.ops import compute_dtype
 
     base = comfy.ops.manual_cast
+    # Newer ComfyUI overlaps the weight copy with compute ("offloadable" casts, released by uncast_bias_weight);
+    # older versions return just (weight, bias).
+    offloadable = "offloadable" in inspect.signature(comfy.ops.cast_bias_weight).parameters
 
     class Linear(base.Linear):
         def forward_comfy_cast_weights(self, input, *args, **kwargs):
             dtype = compute_dtype(input)
             if dtype == input.dtype:
                 return super().forward_comfy_cast_weights(input, *args, **kwargs)
-            cast = comfy.ops.cast_bias_weight(self, input, dtype=dtype, bias_dtype=dtype)
-            out = torch.nn.functional.linear(input, cast[0], cast[1])
-            if len(cast) > 2 and hasattr(comfy.ops, "uncast_bias_weight"):
-                comfy.ops.uncast_bias_weight(self, cast[0], cast[1], cast[2])
+            if not offloadable:
+                weight, bias = comfy.ops.cast_bias_weight(self, input, dtype=dtype, bias_dtype=dtype)
+                return torch.nn.functional.linear(input, weight, bias)
+            weight, bias, stream = comfy.ops.cast_bias_weight(self, input, dtype=dtype, bias_dtype=dtype,
+                                                              offloadable=True)
+            out = torch.nn.functional.linear(input, weight, bias)
+            comfy.ops.uncast_bias_weight(self, weight, bias, stream)
             return out
 
     _AUTOCAST_OPS = type("AutocastManualCast", (base,), {"Linear": Linear})

@@ -1,6 +1,7 @@
 """Inside the real ComfyUI, the pack's casting Linear casts its weight straight to the autocast dtype
 (bf16 weights are not copied to float32 only for autocast to cast them back) and gives the same numbers as
-a plain Linear under autocast, for bf16 and fp8 weights.
+a plain Linear under autocast, for bf16 and fp8 weights; with newer ComfyUI's offloadable cast it releases
+the cast through ``uncast_bias_weight`` as ComfyUI's own layers do.
 
 Needs ``COMFYUI_PATH`` (a ComfyUI checkout) and optionally ``COMFYUI_PYTHON`` (its interpreter).
 """
@@ -57,6 +58,22 @@ plain = ops.Linear(8, 4, dtype=torch.float32)
 plain.weight = torch.nn.Parameter(torch.randn(4, 8, generator=g), requires_grad=False)
 plain.bias = torch.nn.Parameter(torch.randn(4, generator=g), requires_grad=False)
 result["fp32_no_autocast"] = bool(torch.equal(plain(x), F.linear(x, plain.weight, plain.bias)))
+
+# Newer ComfyUI's cast: offloadable=True also returns a stream that uncast_bias_weight releases after use.
+legacy_cast, calls = comfy.ops.cast_bias_weight, []
+def offloadable_cast(s, input=None, dtype=None, device=None, bias_dtype=None, offloadable=False):
+    calls.append(["cast", offloadable])
+    weight, bias = legacy_cast(s, input, dtype=dtype, device=device, bias_dtype=bias_dtype)[:2]
+    return (weight, bias, "stream") if offloadable else (weight, bias)
+comfy.ops.cast_bias_weight = offloadable_cast
+comfy.ops.uncast_bias_weight = lambda s, weight, bias, stream: calls.append(["uncast", stream])
+bridge._AUTOCAST_OPS = None
+layer = bridge.operations().Linear(8, 4, dtype=torch.bfloat16)
+layer.weight = torch.nn.Parameter((torch.randn(4, 8, generator=g) * 0.3).to(torch.bfloat16), requires_grad=False)
+layer.bias = None
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    equal = bool(torch.equal(layer(x), F.linear(x, layer.weight)))
+result["offloadable"] = {"equal": equal, "calls": calls}
 print(json.dumps(result))
 """
 
@@ -82,3 +99,8 @@ def test_under_autocast_the_output_equals_a_plain_linear(result, weights):
 
 def test_without_autocast_the_layer_is_comfyuis_own(result):
     assert result["fp32_no_autocast"]
+
+
+def test_with_newer_comfyuis_offloadable_cast_the_layer_releases_the_cast_after_use(result):
+    assert result["offloadable"]["equal"]
+    assert result["offloadable"]["calls"] == [["cast", True], ["uncast", "stream"]]
