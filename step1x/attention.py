@@ -82,7 +82,7 @@ def _cuda_capability(device: torch.device) -> tuple[int, int]:
 
 _BACKENDS: dict[str, Backend] = {}
 AUTO_ORDER = ("flash", "xformers", "sdpa")
-"""Preference of ``auto`` among the backends that are installed and suit the tensors."""
+"""Preference of ``auto`` among the backends whose package imports and whose kernels suit the tensors."""
 
 
 def register(name: str, *, package: str | None = None, install_hint: str = "", devices=None, dtypes=None,
