@@ -263,17 +263,23 @@ def load_dit(
 ) -> Step1XEdit:
     """Load a Step1X-Edit DiT (v1.0 or v1.1, any stored dtype) onto ``device``.
 
-    ``weight_dtype`` sets how the large block matrices are kept: "default" keeps fp8 files in fp8 and
+    ``weight_dtype`` sets how the large block matrices are kept: "default" keeps plain fp8 files in fp8 and
     everything else in ``compute_dtype``; "fp8_e4m3fn"/"fp8_e5m2" cast them to fp8 (about half the memory
-    of bf16); they are upcast per layer at compute time. ``attention`` picks the attention backend."""
+    of bf16); they are upcast per layer at compute time. A scaled-fp8 file (``*.scale_weight`` tensors) is
+    dequantised with its scales; "default" then keeps it in ``compute_dtype``, because storing the
+    dequantised values as fp8 again, without their scale, would lose more than a plain fp8 cast.
+    ``attention`` picks the attention backend."""
     header = read_header(path)
     info = _inspect_dit(header)
     weight = weight_dtype_for(weight_dtype)
+    stored = info.stored_dtype
+    if weight is None and any(k.endswith(".scale_weight") for k in header.tensors):
+        stored = compute_dtype
     device = torch.device(device)
     with torch.device("meta"):
         model = Step1XEdit(info.params, operations=operations)
     _assign(
-        model, header, info.prefix, lambda key: storage_dtype(key, info.stored_dtype, compute_dtype, weight), device
+        model, header, info.prefix, lambda key: storage_dtype(key, stored, compute_dtype, weight), device
     )
     model.set_attention_backend(attention)
     log.info("loaded %s: Step1X-Edit %s, stored %s", info.path.name, info.version, info.stored_dtype)

@@ -94,6 +94,38 @@ def test_an_fp8_file_is_detected_and_kept_in_fp8(tmp_path, dit_sd):
     assert model.state_dict()["double_blocks.1.txt_mlp.0.bias"].dtype == torch.float32
 
 
+def _scaled_fp8(state: dict) -> dict:
+    """ComfyUI's scaled-fp8 layout: each block matrix stored as fp8 of weight/scale, plus its ``scale_weight``."""
+    out = {"scaled_fp8": torch.zeros(0, dtype=FP8)}
+    for key, value in state.items():
+        if key.startswith(("double_blocks", "single_blocks")) and value.ndim == 2:
+            scale = value.abs().max() / 448
+            out[key] = (value / scale).to(FP8)
+            out[key[: -len("weight")] + "scale_weight"] = scale.reshape(1)
+        else:
+            out[key] = value
+    return out
+
+
+def test_a_scaled_fp8_file_is_dequantised_with_its_scales(tmp_path, dit_sd):
+    scaled = _scaled_fp8(dit_sd)
+    save_file(scaled, str(tmp_path / "scaled.safetensors"))
+    model = load_dit(tmp_path / "scaled.safetensors", compute_dtype=torch.float32)
+    key = "double_blocks.0.img_attn.qkv.weight"
+    weight = model.state_dict()[key]
+    assert weight.dtype == torch.float32
+    torch.testing.assert_close(weight, scaled[key].float() * scaled[key[:-6] + "scale_weight"], atol=0, rtol=0)
+
+
+def test_a_scaled_fp8_file_stays_closer_to_the_original_than_a_plain_fp8_cast(tmp_path, dit_sd, official_dir):
+    save_file(_scaled_fp8(dit_sd), str(tmp_path / "scaled.safetensors"))
+    save_file({k: v.to(FP8) for k, v in dit_sd.items()}, str(tmp_path / "plain.safetensors"))
+    io = load_file(official_dir / "dit_v10_io.safetensors")
+    error = {name: ((_forward(load_dit(tmp_path / f"{name}.safetensors", compute_dtype=torch.float32), io)
+                     - io["out.pred"]).norm() / io["out.pred"].norm()).item() for name in ("scaled", "plain")}
+    assert error["scaled"] < error["plain"], error
+
+
 def test_an_fp8_file_can_be_upcast_on_load(tmp_path, dit_sd):
     save_file({k: v.to(FP8) for k, v in dit_sd.items()}, str(tmp_path / "fp8.safetensors"))
     model = load_dit(tmp_path / "fp8.safetensors", compute_dtype=torch.bfloat16, weight_dtype="bf16")
