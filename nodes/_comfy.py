@@ -156,9 +156,6 @@ class HeadlessPatcher:
         self.model, self.load_device, self.offload_device = model, load_device, offload_device
         self.loras: list = []
 
-    def model_size(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
-
     def clone(self) -> "HeadlessPatcher":
         clone = HeadlessPatcher(self.model, self.load_device, self.offload_device)
         clone.loras = list(self.loras)
