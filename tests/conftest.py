@@ -121,8 +121,12 @@ def pack():
 
 @pytest.fixture(scope="session")
 def bridge(pack):
-    """The pack's ComfyUI bridge, here in its headless form."""
-    return importlib.import_module(f"{PACK_NAME}.nodes._comfy")
+    """The pack's ComfyUI bridge, here in its headless form, with the CPU as its main device even where a GPU
+    is present: the node tests compare with float32 CPU math at tight tolerances."""
+    module = importlib.import_module(f"{PACK_NAME}.nodes._comfy")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "main_device", lambda: torch.device("cpu"))
+        yield module
 
 
 @pytest.fixture(scope="session")

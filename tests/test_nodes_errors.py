@@ -122,8 +122,9 @@ def test_vae_encode_needs_the_working_size(pack, vae):
         run_node(pack, "Step1XEditVAEEncode", vae=vae, image=image(70, 50))
 
 
-def test_other_gpu_without_a_second_gpu_says_what_to_choose(bridge):
+def test_other_gpu_without_a_second_gpu_says_what_to_choose(bridge, monkeypatch):
     if torch.cuda.device_count() > 1:
         pytest.skip("a second GPU is present")
+    monkeypatch.setattr(bridge, "main_device", lambda: torch.device("cuda", 0))  # the only GPU, if any, is the main one
     with pytest.raises(ValueError, match=r"'other_gpu' needs a second CUDA GPU.*choose main_gpu, default or cpu"):
         bridge.text_encoder_devices("other_gpu")
