@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .attention import select_backend
 from .autoencoder import AutoEncoder
 from .configs import STEP1X_EDIT, AutoEncoderParams, ConnectorParams, DiTParams
 from .model import Step1XEdit
@@ -269,6 +270,7 @@ def load_dit(
     dequantised with its scales; "default" then keeps it in ``compute_dtype``, because storing the
     dequantised values as fp8 again, without their scale, would lose more than a plain fp8 cast.
     ``attention`` picks the attention backend."""
+    select_backend(attention)  # an unavailable backend fails before any weights are read
     header = read_header(path)
     info = _inspect_dit(header)
     weight = weight_dtype_for(weight_dtype)

@@ -213,3 +213,16 @@ def test_metadata_config_round_trips(tmp_path):
     params = replace(TINY_DIT, num_heads=2, axes_dim=(8, 12, 12))
     save_with_config(Step1XEdit(params).state_dict(), tmp_path / "m.safetensors", params)
     assert inspect_dit(tmp_path / "m.safetensors").params == params
+
+
+def test_an_unavailable_attention_backend_fails_before_the_weights_are_read(official_dir, monkeypatch):
+    from step1x import loading
+    from step1x.attention import AttentionBackendError
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(loading, "_assign", no_reading)
+    monkeypatch.setattr(loading, "select_backend", lambda name: (_ for _ in ()).throw(AttentionBackendError(name)))
+    with pytest.raises(AttentionBackendError):
+        load_dit(official_dir / "dit_v10_weights.safetensors", attention="flash")
