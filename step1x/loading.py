@@ -134,14 +134,21 @@ def _inspect_dit(header: Header) -> DiTFileInfo:
     return DiTFileInfo(header.path, params, stored, prefix)
 
 
-def _dit_params(header: Header, prefix: str) -> DiTParams:
+def _config_from_metadata(header: Header, params_cls):
+    """The config a file carries in its metadata (tiny and custom models), or None for the released files."""
     meta = header.metadata.get(CONFIG_METADATA_KEY)
-    if meta:
-        try:
-            return DiTParams.from_dict(json.loads(meta))
-        except (ValueError, TypeError, KeyError) as exc:
-            raise CheckpointError(
-                f"{header.path.name}: its {CONFIG_METADATA_KEY} metadata is invalid ({exc})") from None
+    if not meta:
+        return None
+    try:
+        return params_cls.from_dict(json.loads(meta))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{header.path.name}: its {CONFIG_METADATA_KEY} metadata is invalid ({exc})") from None
+
+
+def _dit_params(header: Header, prefix: str) -> DiTParams:
+    stored = _config_from_metadata(header, DiTParams)
+    if stored is not None:
+        return stored
     keys = [k[len(prefix):] for k in header.tensors if k.startswith(prefix)]
     s = lambda key: _shape(header, prefix, key)  # noqa: E731
     try:
@@ -301,13 +308,9 @@ def inspect_vae(path: str | os.PathLike) -> tuple[Header, str, AutoEncoderParams
 
 
 def _vae_params(header: Header, prefix: str) -> AutoEncoderParams:
-    meta = header.metadata.get(CONFIG_METADATA_KEY)
-    if meta:
-        try:
-            return AutoEncoderParams.from_dict(json.loads(meta))
-        except (ValueError, TypeError, KeyError) as exc:
-            raise CheckpointError(
-                f"{header.path.name}: its {CONFIG_METADATA_KEY} metadata is invalid ({exc})") from None
+    stored = _config_from_metadata(header, AutoEncoderParams)
+    if stored is not None:
+        return stored
     s = lambda key: _shape(header, prefix, key)  # noqa: E731
     try:
         z_channels = s("encoder.conv_out.weight")[0] // 2

@@ -215,26 +215,28 @@ def test_two_loras_on_an_fp8_weight_get_a_branch_each_and_come_off_one_at_a_time
 # ----------------------------------------------------------------------------------------------- errors
 
 
+def _kohya_zero_file(path, name, down_shape, up_shape):
+    """A kohya LoRA with one zero module ``name`` of the given down/up shapes."""
+    save_file({f"{name}.lora_down.weight": torch.zeros(*down_shape), f"{name}.lora_up.weight": torch.zeros(*up_shape)},
+              str(path))
+    return path
+
+
 def test_an_sdxl_lora_is_refused_with_the_file_name(model, tmp_path):
-    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
-    save_file({f"{name}.lora_down.weight": torch.zeros(4, 320), f"{name}.lora_up.weight": torch.zeros(320, 4)},
-              str(tmp_path / "sdxl_style.safetensors"))
+    _kohya_zero_file(tmp_path / "sdxl_style.safetensors", "lora_unet_down_blocks_0_attentions_0_proj_in",
+                     (4, 320), (320, 4))
     with pytest.raises(CheckpointError, match=r"sdxl_style\.safetensors is an SD1.x/SDXL LoRA.*Expected a Step1X-Edit"):
         load_lora(tmp_path / "sdxl_style.safetensors", model)
 
 
 def test_a_flux_lora_for_layers_step1x_lacks_is_refused(model, tmp_path):
-    name = "lora_unet_guidance_in_in_layer"
-    save_file({f"{name}.lora_down.weight": torch.zeros(4, 256), f"{name}.lora_up.weight": torch.zeros(64, 4)},
-              str(tmp_path / "flux_guidance.safetensors"))
+    _kohya_zero_file(tmp_path / "flux_guidance.safetensors", "lora_unet_guidance_in_in_layer", (4, 256), (64, 4))
     with pytest.raises(CheckpointError, match=r"flux_guidance\.safetensors is a FLUX\.1 LoRA: none of its 1"):
         load_lora(tmp_path / "flux_guidance.safetensors", model)
 
 
 def test_a_lora_of_a_model_of_another_size_is_refused_by_shape(model, tmp_path):
-    name = "lora_unet_double_blocks_0_img_attn_qkv"
-    save_file({f"{name}.lora_down.weight": torch.zeros(4, 3072), f"{name}.lora_up.weight": torch.zeros(9216, 4)},
-              str(tmp_path / "flux_full.safetensors"))
+    _kohya_zero_file(tmp_path / "flux_full.safetensors", "lora_unet_double_blocks_0_img_attn_qkv", (4, 3072), (9216, 4))
     with pytest.raises(CheckpointError, match=r"flux_full\.safetensors does not fit.*\(192, 64\)"):
         load_lora(tmp_path / "flux_full.safetensors", model)
 
