@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from step1x.attention import installed_backends  # noqa: E402
-from step1x.configs import STEP1X_EDIT, ConnectorParams, DiTParams  # noqa: E402
-from step1x.loading import cast_model  # noqa: E402
-from step1x.model import Step1XEdit  # noqa: E402
-from step1x.sampling import TextConditioning, denoise, make_noise  # noqa: E402
+from step1x.checkpoints.loading import cast_model  # noqa: E402
+from step1x.models.attention import installed_backends  # noqa: E402
+from step1x.models.configs import STEP1X_EDIT, ConnectorParams, DiTParams  # noqa: E402
+from step1x.models.model import Step1XEdit  # noqa: E402
+from step1x.sampling.denoise import TextConditioning, denoise, make_noise  # noqa: E402
 
 DTYPES = {"fp32": (torch.float32, "fp32"), "bf16": (torch.bfloat16, "default"),
           "fp8": (torch.bfloat16, "fp8_e4m3fn")}

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..step1x.model_files import COMFY_DIRS, COMFY_TOKENIZER
+from ..step1x.checkpoints.model_files import COMFY_DIRS, COMFY_TOKENIZER
 
 try:  # inside ComfyUI
     import comfy.model_management as mm
@@ -101,7 +101,7 @@ def operations():
     the weights on the CPU and stream them), the library default otherwise."""
     if IN_COMFYUI:
         return _autocast_aware_ops()
-    from ..step1x.ops import CastOps
+    from ..step1x.models.ops import CastOps
 
     return CastOps
 
@@ -120,7 +120,7 @@ def _autocast_aware_ops():
         return _AUTOCAST_OPS
     import inspect
 
-    from ..step1x.ops import compute_dtype
+    from ..step1x.models.ops import compute_dtype
 
     base = comfy.ops.manual_cast
     # Newer ComfyUI overlaps the weight copy with compute ("offloadable" casts, released by uncast_bias_weight);
@@ -163,7 +163,7 @@ class HeadlessPatcher:
 
     def apply_loras(self) -> None:
         """Bring the shared module to this patcher's LoRAs, taking off those of another clone first."""
-        from ..step1x.lora import apply_lora
+        from ..step1x.checkpoints.lora import apply_lora
 
         applied, handles = getattr(self.model, "_step1x_loras", ([], []))
         same = len(applied) == len(self.loras) and all(
@@ -208,7 +208,7 @@ def load(patchers: list, memory_required: int = 0, full: bool = False) -> None:
 
 
 def add_lora(patcher, patch, strength: float):
-    """A clone of ``patcher`` that changes its model by ``patch`` (a :class:`step1x.lora.LoraPatch`) at
+    """A clone of ``patcher`` that changes its model by ``patch`` (a :class:`step1x.checkpoints.lora.LoraPatch`) at
     ``strength`` whenever it is loaded; ``patcher`` itself stays as it is. In ComfyUI the modules become
     weight patches, which ComfyUI applies and removes itself (fp8 and --lowvram included)."""
     clone = patcher.clone()
@@ -358,7 +358,7 @@ class Progress:
             self.bar = comfy.utils.ProgressBar(total)
 
     def __call__(self, info) -> None:
-        """``info``: a :class:`step1x.sampling.StepInfo` (``denoised`` is the model-space estimate)."""
+        """``info``: a :class:`step1x.sampling.denoise.StepInfo` (``denoised`` is the model-space estimate)."""
         check_interrupt()
         if self.bar is not None:
             preview = None

@@ -10,7 +10,7 @@ from PIL import Image
 from ..step1x.geometry import resize_to_size_level
 from ..step1x.graph_io import to_pil_list
 from ..step1x.pipeline import T2I_CONDITIONING_SIZE
-from ..step1x.sampling import TextConditioning
+from ..step1x.sampling.denoise import TextConditioning
 from . import _comfy as bridge
 from .sockets import CATEGORY, CONDITIONING, DIT, EMBEDS, MLLM, InstructionEmbeds, Step1XConditioning
 

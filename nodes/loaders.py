@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..step1x.attention import backend_names
-from ..step1x.loading import load_dit, load_vae
+from ..step1x.checkpoints.loading import load_dit, load_vae
+from ..step1x.models.attention import backend_names
 from . import _comfy as bridge
 from .sockets import CATEGORY, DIT, MLLM, DiT, Mllm
 from .vae import Step1XVAE

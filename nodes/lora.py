@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from ..step1x.lora import load_lora
+from ..step1x.checkpoints.lora import load_lora
 from . import _comfy as bridge
 from .sockets import CATEGORY, DIT
 

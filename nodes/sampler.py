@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ..step1x import sampling
 from ..step1x.graph_io import (
     batch_of,
     check_image,
@@ -16,7 +15,7 @@ from ..step1x.graph_io import (
     repeat_rows,
     resize_images,
 )
-from ..step1x.sampling import TextConditioning, make_noise
+from ..step1x.sampling.denoise import TextConditioning, denoise, make_noise
 from . import _comfy as bridge
 from .sockets import CATEGORY, CONDITIONING, DIT
 from .vae import check_vae
@@ -155,7 +154,7 @@ def run(dit, connector, noise, cond, uncond, *, reference, init, keep, steps, cf
     device = dit.patcher.load_device
     progress = bridge.Progress(steps, device)
     with torch.no_grad():
-        latent = sampling.denoise(
+        latent = denoise(
             dit.model, noise, cond, uncond, reference=reference, steps=steps, cfg_scale=cfg,
             renorm_threshold=renorm_threshold, strength=strength, init_latent=init, keep_mask=keep,
             compute_dtype=dit.compute_dtype, device=device, connector=connector, teacache=dit.teacache,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..step1x.sampling import TextConditioning
+from ..step1x.sampling.denoise import TextConditioning
 
 DIT = "STEP1X_DIT"
 MLLM = "STEP1X_MLLM"

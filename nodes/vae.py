@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..step1x.graph_io import DOWNSCALE, check_image
-from ..step1x.sampling import LATENT_CHANNELS
+from ..step1x.sampling.denoise import LATENT_CHANNELS
 from . import _comfy as bridge
 
 ENCODE_BYTES_PER_PIXEL = 1767

@@ -14,17 +14,17 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Step1XPipeline": "pipeline",
     "EditOptions": "pipeline",
-    "Step1XEdit": "model",
-    "AutoEncoder": "autoencoder",
-    "DiTParams": "configs",
-    "AutoEncoderParams": "configs",
-    "load_dit": "loading",
-    "load_vae": "loading",
-    "inspect_dit": "loading",
-    "denoise": "sampling",
-    "TextConditioning": "sampling",
+    "Step1XEdit": "models.model",
+    "AutoEncoder": "models.autoencoder",
+    "DiTParams": "models.configs",
+    "AutoEncoderParams": "models.configs",
+    "load_dit": "checkpoints.loading",
+    "load_vae": "checkpoints.loading",
+    "inspect_dit": "checkpoints.loading",
+    "denoise": "sampling.denoise",
+    "TextConditioning": "sampling.denoise",
     "load_text_encoder": "encoder",
-    "CheckpointError": "safetensors_file",
+    "CheckpointError": "checkpoints.safetensors_file",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -28,7 +28,7 @@ from .image_io import load_image
 from .jobs import SAVE_FORMATS, Job
 from .memory import peak_report, reset_peaks
 from .pipeline import EditOptions, Step1XPipeline, Timings
-from .sampling import StepInfo
+from .sampling.denoise import StepInfo
 
 
 @dataclass

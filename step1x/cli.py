@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .attention import backend_names
-from .loading import WEIGHT_DTYPES
+from .checkpoints.loading import WEIGHT_DTYPES
+from .models.attention import backend_names
 
 DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 
@@ -114,8 +114,8 @@ def _selftest(args) -> int:
 
 
 def _download(args) -> int:
+    from .checkpoints.model_files import COMFY_MLLM_FILES
     from .download import DownloadError, HubUnavailable, describe_plan, download, manual_instructions, plan_download
-    from .model_files import COMFY_MLLM_FILES
 
     versions = ("v1.1", "v1.0") if args.version == "all" else (args.version,)
     try:

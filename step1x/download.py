@@ -15,7 +15,15 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .model_files import COMFY_VAE_FILE, DIT_FILES, DIT_REPO, MLLM_FOLDER, MLLM_REPO, VAE_FILE, is_comfyui_root
+from .checkpoints.model_files import (
+    COMFY_VAE_FILE,
+    DIT_FILES,
+    DIT_REPO,
+    MLLM_FOLDER,
+    MLLM_REPO,
+    VAE_FILE,
+    is_comfyui_root,
+)
 
 MLLM_PATTERNS = ("*.json", "*.safetensors", "merges.txt", "vocab.json")
 """Files of the Qwen2.5-VL-7B-Instruct repository the editor needs: config, tokenizer and weights."""

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from .attention import AttentionBackendError, select_backend
 from .batch import BatchReport, run_batch
+from .checkpoints.loading import inspect_dit
+from .checkpoints.lora import check_lora
 from .geometry import check_dims
 from .jobs import JobError, edit_jobs, prepare_output_dir, read_prompts, single_edit_job, t2i_jobs
-from .loading import inspect_dit
-from .lora import check_lora
-from .model import Step1XEdit
+from .models.attention import AttentionBackendError, select_backend
+from .models.model import Step1XEdit
 from .pipeline import EditOptions, Step1XPipeline, default_device, find_models
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from .configs import FLUX_VAE
 from .geometry import PATCH, resample_filter
 from .image_io import comfy_to_pil, pil_to_comfy
-from .sampling import LATENT_CHANNELS
+from .models.configs import FLUX_VAE
+from .sampling.denoise import LATENT_CHANNELS
 
 DOWNSCALE = 8
 

@@ -15,16 +15,16 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-from .autoencoder import AutoEncoder
-from .configs import T2I_NEGATIVE_PROMPT
+from .checkpoints.loading import inspect_dit, load_dit, load_vae
+from .checkpoints.lora import LoraHandle, apply_lora, load_lora
+from .checkpoints.model_files import ModelFilesError, ModelPaths, resolve_models
 from .geometry import check_dims, resize_to_size_level, restore_size
 from .graph_io import check_sampling
 from .image_io import pil_to_tensor, tensor_to_pil
-from .loading import inspect_dit, load_dit, load_vae
-from .lora import LoraHandle, apply_lora, load_lora
-from .model import Step1XEdit
-from .model_files import ModelFilesError, ModelPaths, resolve_models
-from .sampling import StepInfo, TextConditioning, autocast_for, denoise, make_noise
+from .models.autoencoder import AutoEncoder
+from .models.configs import T2I_NEGATIVE_PROMPT
+from .models.model import Step1XEdit
+from .sampling.denoise import StepInfo, TextConditioning, autocast_for, denoise, make_noise
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def vae_device(vae: torch.nn.Module) -> torch.device:
 def find_models(folder: str | Path | None = None, *, version: str | None = None, dit: str | Path | None = None,
                 vae: str | Path | None = None, mllm: str | Path | None = None,
                 tokenizer: str | Path | None = None) -> ModelPaths:
-    """:func:`~step1x.model_files.resolve_models`, then a check that the DiT found is a Step1X-Edit DiT of
+    """:func:`~step1x.checkpoints.model_files.resolve_models`, then a check that the DiT found is a Step1X-Edit DiT of
     ``version`` (when given). Reads only the DiT's header, so it costs nothing before a load."""
     paths = resolve_models(folder, version=version, dit=dit, vae=vae, mllm=mllm, tokenizer=tokenizer)
     found = inspect_dit(paths.dit).version
@@ -148,14 +148,14 @@ class Step1XPipeline:
     def from_folder(cls, folder: str | Path | None = None, *, version: str | None = None,
                     dit: str | Path | None = None, vae: str | Path | None = None, mllm: str | Path | None = None,
                     tokenizer_dir: str | Path | None = None, **kwargs) -> "Step1XPipeline":
-        """Load from a models folder in the standalone or ComfyUI layout (see :mod:`step1x.model_files`);
+        """Load from a models folder in the standalone or ComfyUI layout (see :mod:`step1x.checkpoints.model_files`);
         any of the three paths may be given instead. Other arguments are those of :meth:`from_files`."""
         paths = find_models(folder, version=version, dit=dit, vae=vae, mllm=mllm, tokenizer=tokenizer_dir)
         return cls.from_files(paths.dit, paths.vae, paths.mllm, tokenizer_dir=paths.tokenizer, **kwargs)
 
     def add_lora(self, path: str | Path, strength: float = 1.0) -> LoraHandle:
         """Apply a LoRA file to the DiT: merged into 16/32-bit weights, beside fp8 weights as a low-rank
-        branch (see :func:`step1x.lora.apply_lora`). ``handle.remove()`` takes it off again."""
+        branch (see :func:`step1x.checkpoints.lora.apply_lora`). ``handle.remove()`` takes it off again."""
         handle = apply_lora(self.dit, load_lora(path, self.dit), strength)
         self.loras.append(handle)
         return handle

@@ -50,7 +50,7 @@ class SelftestResult:
 def find_tokenizer(explicit: str | os.PathLike | None = None) -> tuple[Path | None, str]:
     """(folder, description) of real Qwen2.5 tokenizer files: ``explicit``, then $STEP1X_QWEN_TOKENIZER,
     then ComfyUI's bundled copy when this package sits inside ComfyUI; (None, ...) when there is none."""
-    from .model_files import comfy_tokenizer
+    from .checkpoints.model_files import comfy_tokenizer
 
     if explicit is not None:
         return Path(explicit), f"{explicit} (--tokenizer)"

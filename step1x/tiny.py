@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .autoencoder import AutoEncoder
-from .configs import TINY_DIT, TINY_VAE, DiTParams, with_version
-from .loading import save_with_config
-from .model import Step1XEdit
-from .model_files import DIT_FILES, MLLM_FOLDER, VAE_FILE, ModelPaths
+from .checkpoints.loading import save_with_config
+from .checkpoints.model_files import DIT_FILES, MLLM_FOLDER, VAE_FILE, ModelPaths
+from .models.autoencoder import AutoEncoder
+from .models.configs import TINY_DIT, TINY_VAE, DiTParams, with_version
+from .models.model import Step1XEdit
 
 
 def tiny_dit_params(mllm_hidden: int, version: str = "v1.1") -> DiTParams:

@@ -46,8 +46,8 @@ def qwen_tokenizer_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_dit():
     """A tiny v1.1 DiT with seeded random weights (the parity fixtures' architecture)."""
-    from step1x.configs import TINY_DIT, with_version
-    from step1x.model import Step1XEdit
+    from step1x.models.configs import TINY_DIT, with_version
+    from step1x.models.model import Step1XEdit
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -57,7 +57,7 @@ def tiny_dit():
 @pytest.fixture()
 def tiny_text():
     """Cond and uncond MLLM embeddings for the tiny DiT (width 48, 24 tokens)."""
-    from step1x.sampling import TextConditioning
+    from step1x.sampling.denoise import TextConditioning
 
     g = torch.Generator().manual_seed(1)
     emb = torch.randn(2, 24, 48, generator=g)

@@ -61,8 +61,9 @@ def write_tiny_models(root: Path, tokenizer: Path) -> dict[str, str]:
     """ComfyUI-style models folder with tiny random models; returns the file names by role."""
     from safetensors.torch import save_file
 
-    configs, loading, tiny, tiny_qwen = lib("configs"), lib("loading"), lib("tiny"), lib("encoder.tiny")
-    Step1XEdit, AutoEncoder = lib("model").Step1XEdit, lib("autoencoder").AutoEncoder
+    configs, loading = lib("models.configs"), lib("checkpoints.loading")
+    tiny, tiny_qwen = lib("tiny"), lib("encoder.tiny")
+    Step1XEdit, AutoEncoder = lib("models.model").Step1XEdit, lib("models.autoencoder").AutoEncoder
     for sub in ("diffusion_models", "vae", "text_encoders"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     params, narrow = tiny.tiny_dit_params(tiny_qwen.TINY_QWEN25_VL["hidden_size"]), tiny.tiny_dit_params(48)
@@ -101,7 +102,7 @@ def run_node(pack, node_id: str, **inputs):
 def fake_embeds(pack, hidden: int = 64, working=(64, 48), batch: int = 1, length: int = 24, seed: int = 0):
     """Instruction embeddings without running the MLLM (random, with the official mask layout)."""
     sockets = importlib.import_module(f"{PACK_NAME}.nodes.sockets")
-    sampling = lib("sampling")
+    sampling = lib("sampling.denoise")
     g = torch.Generator().manual_seed(seed)
     sides = []
     for valid in (17, 6):

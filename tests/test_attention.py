@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from step1x import attention as attn
-from step1x.attention import AttentionBackendError, attention, resolve, select_backend
+from step1x.models import attention as attn
+from step1x.models.attention import AttentionBackendError, attention, resolve, select_backend
 
 
 @pytest.fixture(autouse=True)
@@ -123,7 +123,7 @@ def test_before_ampere_auto_keeps_flash_out_and_xformers_out_of_bf16(monkeypatch
 def test_flash_chosen_on_a_gpu_before_ampere_falls_back_to_sdpa_with_the_reason(monkeypatch, caplog):
     _gpu(monkeypatch, (7, 5))
     monkeypatch.setattr(attn, "_warned", set())
-    with caplog.at_level("WARNING", logger="step1x.attention"):
+    with caplog.at_level("WARNING", logger="step1x.models.attention"):
         assert resolve("flash", torch.device("cuda"), torch.float16).name == "sdpa"
     assert "compute capability 7.5 (it needs 8.0 or newer)" in caplog.text
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from step1x.model_files import ModelFilesError, ModelPaths, resolve_models
+from step1x.checkpoints.model_files import ModelFilesError, ModelPaths, resolve_models
 
 
 def touch(path):

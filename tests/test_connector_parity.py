@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from step1x.configs import TINY_DIT, with_version
-from step1x.connector import Qwen2Connector
+from step1x.models.configs import TINY_DIT, with_version
+from step1x.models.connector import Qwen2Connector
 
 ATOL = 1e-5
 
@@ -44,7 +44,7 @@ def test_v10_has_scale_factor_and_v11_has_none():
 
 
 def test_padded_queries_attend_to_first_token_only():
-    from step1x.connector import refiner_attention_mask
+    from step1x.models.connector import refiner_attention_mask
 
     allowed = refiner_attention_mask(torch.tensor([[1, 1, 0]]))
     assert allowed[0, 0].tolist() == [[True, True, False], [True, True, False], [True, False, False]]

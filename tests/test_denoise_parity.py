@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from step1x.configs import TINY_DIT, with_version
-from step1x.model import Step1XEdit
-from step1x.sampling import TextConditioning, denoise, get_schedule
+from step1x.models.configs import TINY_DIT, with_version
+from step1x.models.model import Step1XEdit
+from step1x.sampling.denoise import TextConditioning, denoise, get_schedule
 
 ATOL = 1e-5
 CASES = [("denoise_v10_trunc1", "dit_v10", "v1.0", 1.0), ("denoise_v11_trunc093", "dit_v11", "v1.1", 0.93)]

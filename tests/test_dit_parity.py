@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from step1x.configs import TINY_DIT, with_version
-from step1x.model import Step1XEdit
+from step1x.models.configs import TINY_DIT, with_version
+from step1x.models.model import Step1XEdit
 
 ATOL = 1e-5
 CASES = [("v10", "v1.0"), ("v11", "v1.1")]

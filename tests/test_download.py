@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from step1x import download as dl
+from step1x.checkpoints.model_files import resolve_models
 from step1x.cli import main
-from step1x.model_files import resolve_models
 
 SIZES = {
     "stepfun-ai/Step1X-Edit": {"step1x-edit-i1258.safetensors": 11, "step1x-edit-v1p1-official.safetensors": 12,

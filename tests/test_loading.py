@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import flux_dev_state, sd_vae_state
-from step1x.configs import TINY_DIT, ConnectorParams, DiTParams
-from step1x.loading import inspect_dit, load_dit, load_vae, save_with_config
-from step1x.model import Step1XEdit
-from step1x.safetensors_file import CheckpointError
+from step1x.checkpoints.loading import inspect_dit, load_dit, load_vae, save_with_config
+from step1x.checkpoints.safetensors_file import CheckpointError
+from step1x.models.configs import TINY_DIT, ConnectorParams, DiTParams
+from step1x.models.model import Step1XEdit
 
 FP8 = torch.float8_e4m3fn
 
@@ -216,8 +216,8 @@ def test_metadata_config_round_trips(tmp_path):
 
 
 def test_an_unavailable_attention_backend_fails_before_the_weights_are_read(official_dir, monkeypatch):
-    from step1x import loading
-    from step1x.attention import AttentionBackendError
+    from step1x.checkpoints import loading
+    from step1x.models.attention import AttentionBackendError
 
     def no_reading(*args, **kwargs):
         raise AssertionError("weights were read")

@@ -7,10 +7,10 @@ import struct
 import pytest
 import torch
 
-from step1x.autoencoder import AutoEncoder
-from step1x.configs import FLUX_VAE, STEP1X_EDIT, with_version
-from step1x.loading import inspect_dit, inspect_vae
-from step1x.model import Step1XEdit
+from step1x.checkpoints.loading import inspect_dit, inspect_vae
+from step1x.models.autoencoder import AutoEncoder
+from step1x.models.configs import FLUX_VAE, STEP1X_EDIT, with_version
+from step1x.models.model import Step1XEdit
 
 SAFETENSORS_DTYPES = {torch.float32: ("F32", 4), torch.bfloat16: ("BF16", 2), torch.float8_e4m3fn: ("F8_E4M3", 1)}
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from step1x.configs import TINY_DIT, with_version
-from step1x.loading import cast_model
-from step1x.lora import CheckpointError, apply_lora, linear_shapes, load_lora, merge_lora, restore
-from step1x.model import Step1XEdit
-from step1x.sampling import denoise
+from step1x.checkpoints.loading import cast_model
+from step1x.checkpoints.lora import CheckpointError, apply_lora, linear_shapes, load_lora, merge_lora, restore
+from step1x.models.configs import TINY_DIT, with_version
+from step1x.models.model import Step1XEdit
+from step1x.sampling.denoise import denoise
 
 RANK = 4
 LAYERS = ("double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.2", "single_blocks.1.linear1",
@@ -251,7 +251,7 @@ def test_a_partly_matching_lora_names_what_it_leaves_out(model, tmp_path, caplog
                 "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8),
                 "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 4)}
     save_file(tensors, str(tmp_path / "mixed.safetensors"))
-    with caplog.at_level(logging.WARNING, logger="step1x.lora"):
+    with caplog.at_level(logging.WARNING, logger="step1x.checkpoints.lora"):
         patch = load_lora(tmp_path / "mixed.safetensors", model)
     assert patch.targets == [LAYERS[0] + ".weight"]
     assert patch.unmatched == ("lora_unet_guidance_in_in_layer",)

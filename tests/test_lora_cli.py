@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import seeded_image
+from step1x.checkpoints.lora import linear_shapes
+from step1x.checkpoints.model_files import resolve_models
 from step1x.cli import main
 from step1x.edit_command import UsageError, parse_lora
-from step1x.lora import linear_shapes
-from step1x.model_files import resolve_models
 from step1x.pipeline import Step1XPipeline
 
 FAST = ["--steps", "2", "--size-level", "64", "--device", "cpu", "--dtype", "fp32", "-q"]
@@ -21,8 +21,8 @@ LAYER = "double_blocks.0.img_mlp.0"
 
 @pytest.fixture(scope="module")
 def lora(tiny_models, tmp_path_factory) -> Path:
-    from step1x.loading import inspect_dit
-    from step1x.model import Step1XEdit
+    from step1x.checkpoints.loading import inspect_dit
+    from step1x.models.model import Step1XEdit
 
     with torch.device("meta"):
         out, inp = linear_shapes(Step1XEdit(inspect_dit(resolve_models(tiny_models).dit).params))[LAYER]

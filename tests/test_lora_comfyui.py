@@ -51,7 +51,7 @@ base = run_node(pack, "Step1XEditDiTLoader", unet_name=config["dit"], weight_dty
                 attention="sdpa")[0]
 lora = run_node(pack, "Step1XEditLoraLoader", model=base, lora_name=config["lora"], strength=config["strength"])[0]
 read = lambda: base.model.state_dict()[config["key"]].detach().float().clone()
-sampling = importlib.import_module("step1x_edit_pack.step1x.sampling")
+sampling = importlib.import_module("step1x_edit_pack.step1x.sampling.denoise")
 g = torch.Generator().manual_seed(0)
 text = sampling.TextConditioning(torch.randn(1, 8, base.model.params.connector.in_channels, generator=g),
                                  torch.ones(1, 8, dtype=torch.long))
@@ -88,9 +88,9 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("comfy_lora")
     names = write_tiny_models(root / "models", tokenizer_for_tests(root / "tokenizer"))
     (root / "loras").mkdir()
-    params = lib("loading").inspect_dit(root / "models" / "diffusion_models" / names["dit"]).params
+    params = lib("checkpoints.loading").inspect_dit(root / "models" / "diffusion_models" / names["dit"]).params
     with torch.device("meta"):
-        out, inp = lib("lora").linear_shapes(lib("model").Step1XEdit(params))[LAYER]
+        out, inp = lib("checkpoints.lora").linear_shapes(lib("models.model").Step1XEdit(params))[LAYER]
     delta = write_lora(root / "loras" / "tiny_lora.safetensors", out, inp)
     return root, names, delta
 

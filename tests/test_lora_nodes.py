@@ -35,7 +35,7 @@ def base(pack, model_names):
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory, bridge, base):
     folder = tmp_path_factory.mktemp("loras")
-    shapes = lib("lora").linear_shapes(base.model)
+    shapes = lib("checkpoints.lora").linear_shapes(base.model)
     lora_file(folder / "blocks.safetensors", shapes, ["double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"])
     lora_file(folder / "connector_only.safetensors", shapes, [CONNECTOR_LAYER], seed=1)
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),

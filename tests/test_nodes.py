@@ -97,7 +97,7 @@ def test_whole_edit_graph_on_cpu_gives_an_image_at_the_original_size(pack, dit, 
 
 def test_text_to_image_uses_the_same_nodes(pack, dit, vae, mllm):
     embeds = run_node(pack, "Step1XEditInstructionEncode", mllm=mllm, instruction="a red fox in snow",
-                      negative_prompt=lib("configs").T2I_NEGATIVE_PROMPT, size_level=512)[0]
+                      negative_prompt=lib("models.configs").T2I_NEGATIVE_PROMPT, size_level=512)[0]
     assert embeds.text_to_image
     empty = {"samples": torch.zeros(1, 16, 6, 8)}
     latent = sample(pack, dit, bind(pack, dit, embeds), init_latent=empty)
@@ -108,14 +108,14 @@ def test_sampler_is_the_library_sampler_and_returns_raw_latents(pack, dit):
     embeds = fake_embeds(pack)
     reference = random_latent()
     latent = sample(pack, dit, bind(pack, dit, embeds), seed=7, reference_latent={"samples": reference})["samples"]
-    sampling = lib("sampling")
+    sampling = lib("sampling.denoise")
     with torch.no_grad():
         expected = sampling.denoise(
             dit.model, sampling.make_noise((1, 16, 6, 8), 7), embeds.cond, embeds.uncond,
             reference=lib("graph_io").latent_to_model_space(reference), steps=STEPS, cfg_scale=6.0,
             renorm_threshold=0.93, compute_dtype=torch.float32,
         )
-    scale, shift = lib("configs").FLUX_VAE.scale_factor, lib("configs").FLUX_VAE.shift_factor
+    scale, shift = lib("models.configs").FLUX_VAE.scale_factor, lib("models.configs").FLUX_VAE.shift_factor
     torch.testing.assert_close(latent, expected / scale + shift, atol=1e-5, rtol=0)
 
 
@@ -213,8 +213,8 @@ def test_vae_encode_node_gives_a_latent_the_sampler_takes(pack, dit, vae):
 def test_every_weight_can_stay_offloaded_under_lowvram(dit, vae):
     """ComfyUI's partial loading leaves layers it cannot fit on the CPU and relies on them casting their weights
     to the input's device: every module holding weights must be such a layer or cast in its own forward."""
-    ops = lib("ops")
-    casting = (ops.CastLinear, ops.CastConv2d, ops.CastGroupNorm, ops.CastLayerNorm, lib("layers").RMSNorm)
+    ops = lib("models.ops")
+    casting = (ops.CastLinear, ops.CastConv2d, ops.CastGroupNorm, ops.CastLayerNorm, lib("models.layers").RMSNorm)
     for model in (dit.model, vae.autoencoder):
         for name, module in model.named_modules():
             if next(module.parameters(recurse=False), None) is None:

@@ -5,7 +5,7 @@ import contextlib
 import pytest
 import torch
 
-from step1x.ops import CastLinear, compute_dtype
+from step1x.models.ops import CastLinear, compute_dtype
 
 FP8 = torch.float8_e4m3fn
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import seeded_image
-from step1x.model_files import ModelFilesError
+from step1x.checkpoints.model_files import ModelFilesError
 from step1x.pipeline import EditOptions, Step1XPipeline
 
 

@@ -5,7 +5,7 @@ import contextlib
 import pytest
 import torch
 
-from step1x.sampling import (
+from step1x.sampling.denoise import (
     StepInfo,
     TextConditioning,
     denoise,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from step1x import model_files
+from step1x.checkpoints import model_files
 from step1x.encoder.template import VISION_START, chat_text
 from step1x.encoder.tokens import VISION_START_ID, load_tokenizer, prompt_ids
 from step1x.selftest import TOKENIZER_ENV, find_tokenizer, run_selftest

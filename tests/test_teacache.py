@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from step1x.sampling import denoise, make_noise
-from step1x.teacache import STEP1X_COEFFICIENTS, TeaCache, _polyval
+from step1x.sampling.denoise import denoise, make_noise
+from step1x.sampling.teacache import STEP1X_COEFFICIENTS, TeaCache, _polyval
 
 
 def _sample(model, text, steps=6, **kw):

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from step1x.autoencoder import AutoEncoder
-from step1x.configs import TINY_VAE
+from step1x.models.autoencoder import AutoEncoder
+from step1x.models.configs import TINY_VAE
 
 ATOL = 1e-5
 

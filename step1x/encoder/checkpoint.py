@@ -1,6 +1,6 @@
 """Finding the Qwen2.5-VL tensors of a Hugging Face folder or of one ComfyUI ``text_encoders`` file.
 
-Only safetensors are read, headers first (with the checks of :func:`step1x.safetensors_file.read_header`);
+Only safetensors are read, headers first (with the checks of :func:`step1x.checkpoints.safetensors_file.read_header`);
 tensors are read one at a time when assigned. Pickle checkpoints (.bin, .pt, .ckpt) are refused because
 loading them can run code.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..safetensors_file import PICKLE_SUFFIXES, CheckpointError, read_header
+from ..checkpoints.safetensors_file import PICKLE_SUFFIXES, CheckpointError, read_header
 from . import keys as K
 
 FP8_MARKER = "scaled_fp8"

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import FP8_DTYPES, cast_to
+from ..models.ops import FP8_DTYPES, cast_to
 from .safetensors_file import CheckpointError, Header, open_tensors, read_header
 
 log = logging.getLogger(__name__)

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .attention import select_backend
-from .autoencoder import AutoEncoder
-from .configs import STEP1X_EDIT, AutoEncoderParams, ConnectorParams, DiTParams
-from .model import Step1XEdit
-from .ops import FP8_DTYPES, CastOps
+from ..models.attention import select_backend
+from ..models.autoencoder import AutoEncoder
+from ..models.configs import STEP1X_EDIT, AutoEncoderParams, ConnectorParams, DiTParams
+from ..models.model import Step1XEdit
+from ..models.ops import FP8_DTYPES, CastOps
 from .safetensors_file import DTYPES, CheckpointError, Header, open_tensors, read_header
 
 log = logging.getLogger(__name__)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..sampling.teacache import TeaCache, run_blocks_cached
 from .attention import select_backend
 from .configs import DiTParams
 from .connector import Qwen2Connector
 from .embeddings import rope_table, timestep_embedding
 from .layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock
 from .ops import CastOps
-from .teacache import TeaCache, run_blocks_cached
 
 
 class Step1XEdit(nn.Module):

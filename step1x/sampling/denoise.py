@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .configs import SHIFT_BASE, SHIFT_MAX
+from ..models.configs import SHIFT_BASE, SHIFT_MAX
 from .teacache import TeaCache
 
 LATENT_CHANNELS = 16

@@ -1,0 +1,1 @@
+"""Model files: reading safetensors, loading the DiT and VAE, LoRA files, finding model folders."""

@@ -1,0 +1,1 @@
+"""The networks: configs, DiT blocks, connector, VAE, embeddings, attention backends and casting ops."""
