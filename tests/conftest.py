@@ -35,6 +35,18 @@ def official_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def v12_dir() -> Path:
+    """The folder of tensors produced by the v1.2 reference (``fixtures/v12``)."""
+    return _env_dir("STEP1X_FIXTURES_V12", "the v1.2 parity fixtures folder")
+
+
+@pytest.fixture(scope="session")
+def regione_dir() -> Path:
+    """The folder of per-step records produced by the RegionE reference (``fixtures/regione``)."""
+    return _env_dir("STEP1X_FIXTURES_REGIONE", "the RegionE parity fixtures folder")
+
+
+@pytest.fixture(scope="session")
 def qwen_tokenizer_dir() -> Path:
     """A folder with the real Qwen2.5 tokenizer files (vocab.json, merges.txt, tokenizer_config.json)."""
     return _env_dir("STEP1X_QWEN_TOKENIZER", "a folder with the Qwen2.5 tokenizer files")
