@@ -118,10 +118,22 @@ def guidance(cond: Tensor, uncond: Tensor, scale: float, t_curr: float, renorm_t
 
 @dataclass
 class TextConditioning:
-    """MLLM output for one side of CFG: ``llm_embedding`` (B|1, L, C) and its 0/1 ``mask`` (B|1, L)."""
+    """MLLM output for one side of CFG: ``llm_embedding`` (B|1, L, C) and its 0/1 ``mask`` (B|1, L).
+
+    v1.2 adds three fields (``None`` for v1.0/v1.1, whose text positions are all zero):
+
+    * ``txt_ids`` (B|1, L, 3) float32: the text tokens' RoPE positions (M-RoPE ids shifted negative, image
+      tokens placed on the latent grid; fractional values are allowed).
+    * ``text_embeds`` (B|1, L, C): the MLLM *input* embeddings of the same tokens, for the DiT's
+      ``text_token_mapping``.
+    * ``text_mask`` (B|1, L): 1 on the tokens of quoted characters, where the mapping is added.
+    """
 
     llm_embedding: Tensor
     mask: Tensor
+    txt_ids: Tensor | None = None
+    text_embeds: Tensor | None = None
+    text_mask: Tensor | None = None
 
     def expand(self, batch: int) -> "TextConditioning":
         n = self.llm_embedding.shape[0]
@@ -129,7 +141,12 @@ class TextConditioning:
             return self
         if n != 1:
             raise ValueError(f"conditioning holds {n} prompts but the batch has {batch} images; give 1 or {batch}")
-        return TextConditioning(self.llm_embedding.expand(batch, -1, -1), self.mask.expand(batch, -1))
+        return TextConditioning(
+            self.llm_embedding.expand(batch, -1, -1), self.mask.expand(batch, -1),
+            None if self.txt_ids is None else self.txt_ids.expand(batch, -1, -1),
+            None if self.text_embeds is None else self.text_embeds.expand(batch, -1, -1),
+            None if self.text_mask is None else self.text_mask.expand(batch, -1),
+        )
 
 
 @dataclass
