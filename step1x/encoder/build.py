@@ -45,18 +45,30 @@ def parameters_on_meta():
             deterministic.fill_uninitialized_memory = fill
 
 
-def empty_model(config) -> nn.Module:
-    """``Qwen2_5_VLForConditionalGeneration`` with meta parameters and no LM head.
+def empty_model(config, *, lm_head: bool = False) -> nn.Module:
+    """``Qwen2_5_VLForConditionalGeneration`` with meta parameters.
 
-    The encoder reads the hidden state after the final norm, so ``lm_head`` (a vocab x hidden matrix)
-    is replaced by an identity and never loaded."""
+    The encoder reads the hidden state after the final norm, so unless ``lm_head`` (text generation) is
+    asked for, the LM head (a vocab x hidden matrix) is replaced by an identity and never loaded."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     with parameters_on_meta():
         model = Qwen2_5_VLForConditionalGeneration(config)
-    model.lm_head = nn.Identity()
+    if not lm_head:
+        model.lm_head = nn.Identity()
     model.requires_grad_(False)
     return model.eval()
+
+
+def ties_embeddings(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def _tie_head(model: nn.Module) -> None:
+    """Share the input embedding with a kept LM head when the config ties them (as transformers does)."""
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Linear) and ties_embeddings(model):
+        head.weight = model.get_input_embeddings().weight
 
 
 def _linear_weights(model: nn.Module) -> set[str]:
@@ -106,6 +118,7 @@ def assign_weights(
     model.load_state_dict(state, strict=False, assign=True)
     for target, (weight, scale) in kept_fp8.items():
         swap_linear(model, target, weight, scale)
+    _tie_head(model)
     _check_complete(model, ckpt)
     if unexpected:
         warnings.warn(
