@@ -28,10 +28,11 @@ VISION_PATCH = 28
 """Pixels per merged vision token side (14-pixel patch x 2x2 merge)."""
 
 
-def processor_rule_v12(patch_size: int = 14, merge_size: int = 2) -> ResizeRule:
-    return ResizeRule(
-        factor=patch_size * merge_size, min_pixels=MIN_PIXELS_V12, max_pixels=MAX_PIXELS_V12, floor_at_factor=False
-    )
+def processor_rule_v12(
+    patch_size: int = 14, merge_size: int = 2, min_pixels: int = MIN_PIXELS_V12, max_pixels: int = MAX_PIXELS_V12
+) -> ResizeRule:
+    return ResizeRule(factor=patch_size * merge_size, min_pixels=min_pixels, max_pixels=max_pixels,
+                      floor_at_factor=False)
 
 
 def blank_reference(size_level: int) -> Image.Image:
@@ -61,9 +62,16 @@ def _patches(x: torch.Tensor, patch: int, merge: int, temporal: int) -> torch.Te
 
 
 def pixel_inputs_v12(
-    image: Image.Image, *, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2
+    image: Image.Image,
+    *,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+    min_pixels: int = MIN_PIXELS_V12,
+    max_pixels: int = MAX_PIXELS_V12,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pixel_values [patches, C·T·P·P] float32, image_grid_thw [1, 3] int64) of the v1.2 reference image."""
+    """(pixel_values [patches, C·T·P·P] float32, image_grid_thw [1, 3] int64) of one image, as the torchvision
+    Qwen2-VL image processor makes them; the pixel range defaults to v1.2's encoder (256 to 400 tokens)."""
     if not isinstance(image, Image.Image):
         raise ImageInputError(
             f"the reference image must be a PIL image, got {type(image).__name__}; convert ComfyUI IMAGE tensors "
@@ -71,7 +79,8 @@ def pixel_inputs_v12(
         )
     image = to_rgb(image)
     check_aspect(image.width, image.height, "as given")
-    width, height = smart_size(image.width, image.height, processor_rule_v12(patch_size, merge_size))
+    rule = processor_rule_v12(patch_size, merge_size, min_pixels, max_pixels)
+    width, height = smart_size(image.width, image.height, rule)
     check_aspect(width, height, "at the image processor's size")
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0).contiguous()
     if (height, width) != (image.height, image.width):
