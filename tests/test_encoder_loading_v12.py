@@ -15,6 +15,7 @@ from helpers import seeded_image
 from step1x.encoder import CheckpointError, TokenizerError, load_text_encoder
 from step1x.encoder.fp8 import Fp8Linear
 from step1x.encoder.tiny import TINY_QWEN25_VL, build_tiny_diffusers_text_encoder
+from tiny_qwen import load_tiny
 
 PROMPT = 'Write "HI" on the wall'
 
@@ -153,3 +154,23 @@ def test_fp8_single_file_can_generate_with_tied_embeddings(tiny_assets):
     ids = encoder.tokenizer("Hello", return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+
+
+def test_quantize_fp8_equals_the_fp8_scaled_file_of_the_same_weights(tiny_assets, image):
+    """Quantising the full-precision folder on load gives exactly ComfyUI's fp8_scaled layout (per-tensor
+    max/448 scales on the block Linear weights) kept in fp8."""
+    quantized = load_tiny(tiny_assets.folder, tiny_assets, quantize_fp8=True)
+    from_file = load_tiny(tiny_assets.fp8_file, tiny_assets, keep_fp8=True)
+    fp8 = [n for n, m in quantized.model.named_modules() if isinstance(m, Fp8Linear)]
+    assert fp8 and fp8 == [n for n, m in from_file.model.named_modules() if isinstance(m, Fp8Linear)]
+    assert torch.equal(_encode(quantized, image).llm_embedding, _encode(from_file, image).llm_embedding)
+
+
+def test_quantize_fp8_keeps_a_generating_head_in_full_precision(model_folder, image, reference):
+    encoder = load_text_encoder(model_folder, dtype=torch.float32, quantize_fp8=True, generation=True)
+    model = encoder.generation_model
+    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight.dtype == torch.float32
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    out = _encode(encoder, image)
+    cosine = torch.nn.functional.cosine_similarity(out.llm_embedding, reference.llm_embedding, dim=-1)
+    assert float(cosine.mean()) > 0.99

@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from ..sampling.denoise import TextConditioning
+from .fp8 import Fp8Linear
 from .inputs import MAX_LENGTH, EncoderInputs, build_inputs
 from .inputs_v12 import MAX_LENGTH_V12, EncoderInputsV12, build_inputs_v12
 from .spec import text_config
@@ -58,7 +59,7 @@ class TextEncoder:
     @property
     def can_generate(self) -> bool:
         """True when the model kept its language-model head (``load_text_encoder(..., generation=True)``)."""
-        return isinstance(getattr(self.model, "lm_head", None), nn.Linear) or _is_fp8_head(self.model)
+        return isinstance(getattr(self.model, "lm_head", None), (nn.Linear, Fp8Linear))
 
     @property
     def generation_model(self) -> nn.Module:
@@ -129,7 +130,6 @@ class TextEncoder:
     ) -> TextEncoderOutput:
         """[cond, uncond] for classifier-free guidance; both see the image, as in the official editor."""
         return self.encode([image], [prompt, negative_prompt], max_length=max_length, out_dtype=out_dtype)
-
 
     # ------------------------------------------------------------------------------------------------- v1.2
 
@@ -219,12 +219,6 @@ def _image_features(model: nn.Module, pixel_values: torch.Tensor, grid: torch.Te
     visual = model.visual if visual is None else visual
     out = visual(pixel_values, grid_thw=grid)
     return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-
-def _is_fp8_head(model: nn.Module) -> bool:
-    from .fp8 import Fp8Linear
-
-    return isinstance(getattr(model, "lm_head", None), Fp8Linear)
 
 
 def _from(source: Path | None) -> str:

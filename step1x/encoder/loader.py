@@ -34,6 +34,7 @@ def load_text_encoder(
     config: dict | str | os.PathLike | None = None,
     keep_fp8: bool = False,
     generation: bool = False,
+    quantize_fp8: bool = False,
 ) -> TextEncoder:
     """Load the Step1X-Edit MLLM encoder.
 
@@ -49,6 +50,9 @@ def load_text_encoder(
     config: a config.json dict, file or folder for a single file that is not the 7B model (tests);
         the 7B configuration is otherwise recognised from the tensor shapes.
     keep_fp8: keep the Linear weights of an fp8_scaled file in float8 and dequantise per layer.
+    quantize_fp8: store the transformer-block Linear weights of a full-precision checkpoint (e.g. the bf16
+        text_encoder of Step1X-Edit-v1p2) as float8_e4m3fn with a per-tensor scale, the layout of ComfyUI's
+        fp8_scaled files, dequantised per layer: about half the memory of bf16. fp8 files stay as stored.
     generation: keep the language-model head (``lm_head.weight``, or the tied input embedding) so the same
         model can ``generate()`` text (v1.2 thinking/reflection, ``TextEncoder.generation_model``); costs
         vocab x hidden more memory (1.1 GB in bf16 for the 7B model) when the head is not tied.
@@ -71,7 +75,7 @@ def load_text_encoder(
             "the language-model head, e.g. the text_encoder folder of Step1X-Edit-v1p2 or the Qwen2.5-VL-7B-Instruct "
             "folder, or load with generation=False to encode only."
         )
-    assign_weights(model, ckpt, device=device, dtype=dtype, keep_fp8=keep_fp8)
+    assign_weights(model, ckpt, device=device, dtype=dtype, keep_fp8=keep_fp8, quantize_fp8=quantize_fp8)
     tokenizer = load_tokenizer(tokenizer_folder)
     vision = model_config.vision_config
     image_processor = make_image_processor(vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size)
