@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,14 @@ def rgb_sha16(image: Image.Image) -> str:
 
 def thinker_record(v12_dir: Path) -> dict:
     return json.loads((v12_dir / "thinker_v12.json").read_text(encoding="utf-8"))
+
+
+@lru_cache(maxsize=2)
+def qwen_tokenizer(folder: Path):
+    """The Qwen2.5 tokenizer, loaded once per test session (loading it from vocab/merges files is slow)."""
+    from step1x.encoder.tokens import load_tokenizer
+
+    return load_tokenizer(folder)
 
 
 def embedding_from_rule(rule: dict) -> torch.Tensor:

@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from reasoning_support import SOURCE_SEED, fixture_image, load_fixture_qwen, thinker_record
-from step1x.encoder.tokens import load_tokenizer
+from reasoning_support import SOURCE_SEED, fixture_image, load_fixture_qwen, qwen_tokenizer, thinker_record
 from step1x.reasoning import CannotGenerateError, GenerationSettings, QwenGenerator, ReasoningCancelled
 from step1x.reasoning import messages as M
 
@@ -25,7 +24,7 @@ def model(v12_dir):
 
 @pytest.fixture(scope="module")
 def tokenizer(qwen_tokenizer_dir):
-    return load_tokenizer(qwen_tokenizer_dir)
+    return qwen_tokenizer(qwen_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +105,29 @@ def test_model_without_lm_head_is_refused(model, tokenizer):
 def test_max_new_tokens_must_be_positive():
     with pytest.raises(ValueError, match="max_new_tokens"):
         GenerationSettings(max_new_tokens=0)
+
+
+def test_whole_loop_runs_on_the_real_model(model, tokenizer):
+    """Noise replies from the tiny model: the description is taken, everything else falls back after its
+    attempts; two-image calls (reflection, score1) go through generate() as well."""
+    from PIL import Image
+
+    from step1x.reasoning import Thinker, reason_edit
+    from step1x.reasoning import prompts as P
+
+    generator = QwenGenerator(model, tokenizer, settings=GenerationSettings(max_new_tokens=4), seed=0)
+    thinker = Thinker(generator, retries=2)
+    original = fixture_image(64, 48, seed=7)
+    edits = []
+
+    def edit(image, instruction, index):
+        edits.append((image, instruction))
+        return Image.new("RGB", image.size, (index * 50, 0, 0))
+
+    result = reason_edit(original, "Make the sky purple.", edit, thinker, think=True, reflect=True, max_tries=2)
+    assert result.think.rewritten and result.reformat_prompt == result.think.reply
+    assert result.think_info == [P.FAILED_REFLECTION] * 2
+    assert result.calls_per_try() == [1 + 2 + 2 + 2] * 2
+    assert [c.kind for c in result.calls].count(M.SCORE1) == 4 and M.REFLECT not in {c.kind for c in result.calls}
+    assert all(image is original for image, _ in edits)
+    assert result.best_index == 1

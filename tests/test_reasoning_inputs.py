@@ -8,8 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reasoning_support import EDITED_SEED, SOURCE_SEED, fixture_image, rgb_sha16, thinker_record
-from step1x.encoder.tokens import load_tokenizer
+from reasoning_support import EDITED_SEED, SOURCE_SEED, fixture_image, qwen_tokenizer, rgb_sha16, thinker_record
 from step1x.reasoning import GenerationSettings, build_model_inputs
 from step1x.reasoning import messages as M
 from step1x.reasoning.images import make_thinker_image_processor, prepare_image
@@ -25,7 +24,7 @@ def record(v12_dir):
 
 @pytest.fixture(scope="module")
 def tokenizer(qwen_tokenizer_dir):
-    return load_tokenizer(qwen_tokenizer_dir)
+    return qwen_tokenizer(qwen_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

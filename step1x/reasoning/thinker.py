@@ -4,7 +4,7 @@ reference runs them, on any ``GenerateFn``.
 A reflection is five steps, each one generate() call when the reply is usable:
 descriptions → consistency evaluation → reflection, then score1 and score2. A step whose reply is not
 usable asks again, up to ``retries`` times (20 in the reference). When one of the first three steps runs
-out, the reflection becomes the fixed ``<#Failed>`` text and the remaining of those three are skipped; a
+out, the reflection becomes the fixed ``<#Failed>`` text and the rest of those three is skipped; a
 scoring step that runs out scores ``[0, 0]``. So one reflection costs 5 calls normally, 61 when every reply
 is unusable (1 description + 20 evaluations + 20 + 20 scores), and at most ``5 × retries`` = 100.
 """
