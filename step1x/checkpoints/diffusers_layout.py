@@ -10,9 +10,9 @@ v1.2 (``stepfun-ai/Step1X-Edit-v1p2``) is published only in this layout and v1.1
     vae/diffusion_pytorch_model.safetensors
 
 ``load_dit`` / ``load_vae`` in :mod:`.loading` accept such a folder, a component folder or one of its
-single files, and come here (the files are found by :mod:`.diffusers_files`). Every official tensor is made from its diffusers tensors as it is assigned
-(one at a time, into a model built on the meta device), so the loaded model has the official names and
-LoRA, fp8 storage and TeaCache work on it unchanged.
+single files, and come here (:mod:`.diffusers_files` finds and checks the files). Every official tensor is
+made from its diffusers tensors as it is assigned (one at a time, into a model built on the meta device), so
+the loaded model has the official names and LoRA, fp8 storage and TeaCache work on it unchanged.
 
 The transformer, official <- diffusers:
 

@@ -242,8 +242,9 @@ def denoise(
       other with ``sequential_cfg``, which halves activation memory). ``uncond=None`` disables CFG. For
       v1.2, a list of per-row conditionings may be given (prompts of different lengths).
     * ``rules``: the sampler (see :mod:`.rules`); by default the one the model's version was published with.
-      Under the v1.2 rules every DiT call is one image row and one side: rows of a batch are sampled exactly
-      as if each were run alone (the v1.2 reference accepts batch 1 only).
+      Under the v1.2 rules every DiT call is one image row and one side (``sequential_cfg`` is implied):
+      rows of a batch are sampled exactly as if each were run alone (the v1.2 reference accepts batch 1
+      only), and cond and uncond may have different lengths.
     * ``renorm_threshold`` / ``renorm_power``: the renorm of the CFG difference (``max(norm, 1) ** power``)
       applies while the time exceeds the threshold, on the scale ``rules`` give (see
       :attr:`.rules.SamplerRules.renorm_time_scale`).
