@@ -284,6 +284,12 @@ def test_a_v12_config_without_mapping_weights_is_an_incomplete_download(v12_mode
         load_dit(tmp_path)
 
 
+def test_a_folder_holding_an_official_file_asks_for_the_file(official_dir, tmp_path):
+    shutil.copy(official_dir / "dit_v11_weights.safetensors", tmp_path)
+    with pytest.raises(CheckpointError, match="official single-file layout .give the .safetensors file itself"):
+        load_dit(tmp_path)
+
+
 def test_a_folder_of_pickle_weights_is_refused(tmp_path):
     folder = tmp_path / "transformer"
     folder.mkdir()

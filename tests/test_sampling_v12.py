@@ -127,6 +127,11 @@ def test_a_v12_conditioning_on_a_v11_dit_is_refused(tiny_dit, texts):
         _sample(tiny_dit, make_noise((1, 16, 8, 8), 0), *texts)
 
 
+def test_a_v12_conditioning_under_the_official_batching_is_refused(dit, texts):
+    with pytest.raises(ValueError, match="official sampler rules run cond and uncond as one padded batch"):
+        _sample(dit, make_noise((1, 16, 8, 8), 0), *texts, rules=OFFICIAL)
+
+
 def test_a_v11_conditioning_on_the_v12_dit_is_refused(dit, tiny_text):
     with pytest.raises(ValueError, match="v1.2 needs text_embeds and text_mask"):
         _sample(dit, make_noise((1, 16, 8, 8), 0), *tiny_text)

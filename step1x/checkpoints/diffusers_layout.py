@@ -177,6 +177,8 @@ def describe_transformer(files: DiffusersFiles) -> str:
         return "a Qwen-Image transformer (QwenImageTransformer2DModel)"
     if name == "AutoencoderKL" or _VAE_MARKERS[0] in keys:
         return "a VAE"
+    if "double_blocks.0.img_attn.qkv.weight" in keys:
+        return "a checkpoint in the official single-file layout (give the .safetensors file itself, not its folder)"
     if name and name != "Step1XEditTransformer2DModel":
         return f"a {name} model"
     sample = ", ".join(sorted(keys)[:3])

@@ -351,6 +351,11 @@ def _plan_calls(model, rules: SamplerRules, cond, uncond, batch: int, img_ids: T
                       teacache, total) for r in range(batch) for s in range(len(sides))]
     for side in sides:
         if isinstance(side, (list, tuple)) or side.is_v12:
+            if model.params.version == "v1.2":
+                raise ValueError(
+                    f"the {rules.name} sampler rules run cond and uncond as one padded batch without text positions; "
+                    "a v1.2 conditioning needs rules with separate calls (step1x.sampling.rules.V12)"
+                )
             raise ValueError(
                 "this conditioning carries v1.2 text positions/embeddings (or one entry per row), but the DiT is "
                 f"Step1X-Edit {model.params.version}; encode the instruction with the encoder of that version"
