@@ -80,6 +80,14 @@ def tiny_text():
     return TextConditioning(emb[:1], mask[:1]), TextConditioning(emb[1:], mask[1:])
 
 
+@pytest.fixture(scope="session")
+def v12_models(tmp_path_factory, v12_dir) -> Path:
+    """The v1.2 reference set's tiny transformer and VAE as a diffusers model folder (transformer/, vae/)."""
+    from diffusers_folders import v12_model_folder
+
+    return v12_model_folder(tmp_path_factory.mktemp("Step1X-Edit-v1p2"), v12_dir)
+
+
 # ----------------------------------------------------------------------------- command line: tiny model set
 
 
