@@ -1,5 +1,5 @@
 """Helpers for the v1.2 thinking/reflection tests: the reference's fixture images, the tiny Qwen2.5-VL of the
-v1.2 fixtures and a scripted stand-in for the model."""
+v1.2 fixtures (as ``encoder_v12_support`` rebuilds it) and a scripted stand-in for the model."""
 
 from __future__ import annotations
 
@@ -42,37 +42,17 @@ def qwen_tokenizer(folder: Path):
     return load_tokenizer(folder)
 
 
-def embedding_from_rule(rule: dict) -> torch.Tensor:
-    """The tiny model's 151936×48 embedding, rebuilt from ``embed_rule.json``'s integer hash."""
-    rows, cols = rule["shape"]
-    i = torch.arange(rows, dtype=torch.int64)[:, None]
-    j = torch.arange(cols, dtype=torch.int64)[None, :]
-    mask = 2**32 - 1
-    a = (i * 40503 + j * 9973 + 12345) & mask
-    h = ((a * 2654435761) & mask) >> 20
-    weight = (h - 2048).to(torch.float32) / 2048
-    digest = hashlib.sha256(weight.numpy().tobytes()).hexdigest()
-    assert digest == rule["sha256_fp32"], "embed_rule.json's formula no longer matches its checksum"
-    return weight
+def load_fixture_qwen(v12_dir: Path, folder: Path, tokenizer_dir: Path):
+    """The v1.2 fixtures' tiny ``Qwen2_5_VLForConditionalGeneration`` (rebuilt by ``encoder_v12_support``), loaded
+    by the pack's own loader with its language-model head (tied to the embedding) in float32."""
+    from encoder_v12_support import build_fixture_qwen
+    from step1x.encoder import load_text_encoder
 
-
-def load_fixture_qwen(folder: Path):
-    """The v1.2 fixtures' tiny ``Qwen2_5_VLForConditionalGeneration`` in float32, lm_head tied to the embedding."""
-    from safetensors.torch import load_file
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from step1x.encoder.spec import make_config
-
-    config = make_config(json.loads((folder / "config.json").read_text(encoding="utf-8")), folder / "config.json")
-    rule = json.loads((folder / "embed_rule.json").read_text(encoding="utf-8"))
-    with torch.random.fork_rng(devices=[]):
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    state = load_file(folder / "model.safetensors")
-    state["model.language_model.embed_tokens.weight"] = embedding_from_rule(rule)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert missing == ["lm_head.weight"] and not unexpected, (missing, unexpected)
+    encoder = load_text_encoder(build_fixture_qwen(v12_dir, folder), tokenizer_dir=tokenizer_dir,
+                                dtype=torch.float32, generation=True)
+    model = encoder.model
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    return model.eval()
+    return model
 
 
 class ScriptedModel:

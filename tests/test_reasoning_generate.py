@@ -18,8 +18,8 @@ def record(v12_dir):
 
 
 @pytest.fixture(scope="module")
-def model(v12_dir):
-    return load_fixture_qwen(v12_dir / "tiny_qwen25vl")
+def model(v12_dir, qwen_tokenizer_dir, tmp_path_factory):
+    return load_fixture_qwen(v12_dir, tmp_path_factory.mktemp("tiny_qwen25vl_lm"), qwen_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

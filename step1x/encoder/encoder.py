@@ -78,19 +78,24 @@ class TextEncoder:
 
     @torch.inference_mode()
     def hidden_states(self, inputs: EncoderInputs) -> torch.Tensor:
-        """Final-norm hidden states [run_length, hidden] of one prompt, in the model dtype."""
+        """Final-norm hidden states [run_length, hidden] of one prompt, in the model dtype.
+
+        Runs the model without its language-model head: with the head kept for generation, the full model would
+        also compute vocabulary logits for every token, which the encoder never reads."""
         n = inputs.run_length
         device = self.device
-        out = self.model(
+        kwargs = dict(
             input_ids=inputs.input_ids[:, :n].to(device),
             attention_mask=inputs.attention_mask[:, :n].to(device),
             position_ids=inputs.position_ids[:, :, :n].to(device),
             pixel_values=inputs.pixel_values.to(device),
             image_grid_thw=inputs.image_grid_thw.to(device),
             use_cache=False,
-            output_hidden_states=True,
             return_dict=True,
         )
+        if _multimodal_base(self.model) is not None:
+            return _multimodal_base(self.model)(**kwargs).last_hidden_state[0]
+        out = self.model(**kwargs, output_hidden_states=True)
         return out.hidden_states[-1][0]
 
     @torch.inference_mode()
@@ -204,6 +209,13 @@ class TextEncoder:
             text_embeds=embeds[start:stop].to(out_dtype).unsqueeze(0),
             text_mask=inputs.text_mask[:, start:stop].to(device),
         )
+
+
+def _multimodal_base(model: nn.Module) -> nn.Module | None:
+    """``model.model`` when it is the whole vision-language model without the head (transformers >= 4.52);
+    None with older releases, whose ``model.model`` is the text decoder alone."""
+    inner = getattr(model, "model", None)
+    return inner if getattr(inner, "language_model", None) is not None else None
 
 
 def _language_model(model: nn.Module) -> nn.Module:

@@ -3,6 +3,7 @@ ComfyUI single file -> ready ``TextEncoder``."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from .image_chain import make_image_processor
 from .spec import read_config_json
 from .tokens import TokenizerError, has_tokenizer_files, load_tokenizer
 
+log = logging.getLogger(__name__)
+
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CPU = torch.device("cpu")
 TEXT_ENCODER_DIR = "text_encoder"
@@ -23,6 +26,7 @@ TOKENIZER_DIRS = ("processor", "tokenizer")
 """Where a diffusers-layout model folder keeps the tokenizer when ``text_encoder/`` has none."""
 PIPELINE_MARKERS = ("model_index.json", "transformer")
 LM_HEAD = "lm_head.weight"
+GENERATION_CONFIG = "generation_config.json"
 
 
 def load_text_encoder(
@@ -76,6 +80,8 @@ def load_text_encoder(
             "folder, or load with generation=False to encode only."
         )
     assign_weights(model, ckpt, device=device, dtype=dtype, keep_fp8=keep_fp8, quantize_fp8=quantize_fp8)
+    if generation:
+        _load_generation_config(model, path)
     tokenizer = load_tokenizer(tokenizer_folder)
     vision = model_config.vision_config
     image_processor = make_image_processor(vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size)
@@ -98,6 +104,24 @@ def text_encoder_path(path: Path) -> Path:
             f"{TEXT_ENCODER_DIR}/ and processor/), or give a Qwen2.5-VL-7B-Instruct folder or file as the text encoder."
         )
     return path
+
+
+def _load_generation_config(model, path: Path) -> None:
+    """The checkpoint's ``generation_config.json`` (beside a single file, or in the folder) as the model's
+    ``generation_config``, as ``from_pretrained`` sets it: ``generate()`` takes the settings a call does not give
+    (top_k, repetition_penalty, ...) from there. Without the file transformers' defaults stay."""
+    folder = path if path.is_dir() else path.parent
+    file = folder / GENERATION_CONFIG
+    if not file.is_file():
+        log.info("%s has no %s; generation uses transformers' defaults for settings a call does not give",
+                 folder, GENERATION_CONFIG)
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file} cannot be read ({exc}); download it again or delete it") from None
 
 
 def _config_for(ckpt, config) -> tuple[dict, str]:

@@ -34,15 +34,9 @@ def prepare_image(image: Image.Image) -> Image.Image:
 
 
 def make_thinker_image_processor(patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2):
-    """The encoder's torchvision-free Qwen2-VL image processor class, with the thinker's pixel bounds."""
-    cls = type(make_image_processor(patch_size, merge_size, temporal_patch_size))
-    return cls(
-        min_pixels=THINKER_MIN_PIXELS,
-        max_pixels=THINKER_MAX_PIXELS,
-        patch_size=patch_size,
-        merge_size=merge_size,
-        temporal_patch_size=temporal_patch_size,
-    )
+    """The encoder's torchvision-free Qwen2-VL image processor, with the thinker's pixel bounds."""
+    return make_image_processor(patch_size, merge_size, temporal_patch_size, min_pixels=THINKER_MIN_PIXELS,
+                                max_pixels=THINKER_MAX_PIXELS)
 
 
 def thinker_rule(image_processor) -> ResizeRule:
