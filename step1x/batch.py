@@ -28,6 +28,8 @@ from .image_io import load_image
 from .jobs import SAVE_FORMATS, Job
 from .memory import peak_report, reset_peaks
 from .pipeline import EditOptions, Step1XPipeline, Timings
+from .pipeline_v12 import ReasoningOptions
+from .reasoning import ReasonEditResult
 from .sampling.denoise import StepInfo
 
 
@@ -110,6 +112,18 @@ def _umask() -> int:
     return mask
 
 
+def describe_reasoning(result: ReasonEditResult) -> str:
+    """One line about a reasoning edit: the tries, the pick and the model replies it took."""
+    text = f"{len(result.tries)} tr{'y' if len(result.tries) == 1 else 'ies'}"
+    if result.reflect:
+        last = result.tries[-1].reflection
+        text += f", best try {result.best_index + 1}, last verdict {last.verdict}"
+    if result.think is not None:
+        text += f", instruction rewritten to {result.think.instruction!r}" if result.think.rewritten else \
+            ", rewrite not usable (instruction kept)"
+    return text + f"; {len(result.calls)} model replies"
+
+
 def describe_error(exc: BaseException) -> str:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return ("out of GPU memory; try --offload, --weight-dtype fp8_e4m3fn, --sequential-cfg or a smaller "
@@ -130,6 +144,9 @@ class _Bars:
         self.steps = None
 
     def step(self, info: StepInfo) -> None:
+        if self.steps is not None and info.step == 0:  # the next try of a reasoning edit
+            self.steps.close()
+            self.steps = None
         if self.steps is None:
             self.steps = self._tqdm(total=info.total, desc="  steps", unit="step", leave=False,
                                     disable=not self.enabled, file=sys.stderr)
@@ -152,20 +169,35 @@ class _Bars:
 
 
 def run_job(pipe: Step1XPipeline, job: Job, options: EditOptions, *, width: int = 1024, height: int = 1024,
-            callback: Callable[[StepInfo], None] | None = None, timings: Timings | None = None) -> None:
-    """Edit (or generate) one image and write it to ``job.output``."""
+            callback: Callable[[StepInfo], None] | None = None, timings: Timings | None = None,
+            reasoning: ReasoningOptions | None = None, save_tries: bool = False) -> ReasonEditResult | None:
+    """Edit (or generate) one image and write it to ``job.output``. With ``reasoning`` (v1.2 thinking and/or
+    reflection) the chosen try is written, with ``save_tries`` also every try (``NAME_tryN``) and the model's
+    text (``NAME_reasoning.txt``); the run's record is returned."""
     if job.source is None:
         image = pipe.text_to_image(job.prompt, width, height, options, callback=callback, timings=timings)
+    elif reasoning is not None:
+        result = pipe.reason_edit(load_image(job.source), job.prompt, options, reasoning, callback=callback,
+                                  timings=timings)
+        if save_tries:
+            for i, try_image in enumerate(result.images):
+                save_atomic(try_image, job.output.with_name(f"{job.output.stem}_try{i + 1}{job.output.suffix}"))
+            text = job.output.with_name(f"{job.output.stem}_reasoning.txt")
+            text.write_text(result.reasoning_text() + "\n", encoding="utf-8")
+        save_atomic(result.best_image, job.output)
+        return result
     else:
         image = pipe.edit(load_image(job.source), job.prompt, options, callback=callback, timings=timings)
     save_atomic(image, job.output)
+    return None
 
 
 def run_batch(pipe: Step1XPipeline, jobs: list[Job], options: EditOptions | None = None, *, width: int = 1024,
               height: int = 1024, skip_existing: bool = False, progress: bool = True,
-              report: BatchReport | None = None) -> BatchReport:
+              report: BatchReport | None = None, reasoning: ReasoningOptions | None = None,
+              save_tries: bool = False) -> BatchReport:
     """Run every job; a failing one is recorded with its reason and the run goes on. Ctrl-C stops after
-    cleaning up and marks the report interrupted."""
+    cleaning up and marks the report interrupted. ``reasoning``/``save_tries``: see :func:`run_job`."""
     options = options or EditOptions()
     options.validate()
     report = report if report is not None else BatchReport()
@@ -181,7 +213,8 @@ def run_batch(pipe: Step1XPipeline, jobs: list[Job], options: EditOptions | None
             t0 = time.perf_counter()
             timings = Timings()
             try:
-                run_job(pipe, job, options, width=width, height=height, callback=bars.step, timings=timings)
+                outcome = run_job(pipe, job, options, width=width, height=height, callback=bars.step,
+                                  timings=timings, reasoning=reasoning, save_tries=save_tries)
             except KeyboardInterrupt:
                 report.interrupted = True
                 break
@@ -190,6 +223,8 @@ def run_batch(pipe: Step1XPipeline, jobs: list[Job], options: EditOptions | None
                 bars.note(f"failed {job.name}: {result.error}")
             else:
                 result = JobResult(job, "done", time.perf_counter() - t0, timings=timings)
+                if outcome is not None:
+                    bars.note(f"{job.name}: {describe_reasoning(outcome)}")
             report.results.append(result)
             bars.image_done(job.name)
     finally:

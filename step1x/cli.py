@@ -32,12 +32,13 @@ def _edit_parser(sub) -> None:
 
     m = p.add_argument_group("models")
     m.add_argument("--models", help="folder with the model files (standalone or ComfyUI layout)")
-    m.add_argument("--dit", help="Step1X-Edit DiT .safetensors (overrides --models)")
-    m.add_argument("--vae", help="VAE .safetensors (overrides --models)")
-    m.add_argument("--mllm", help="Qwen2.5-VL-7B-Instruct folder or ComfyUI text encoder file")
+    m.add_argument("--dit", help="Step1X-Edit DiT .safetensors or diffusers-layout model folder (overrides --models)")
+    m.add_argument("--vae", help="VAE .safetensors or model folder (overrides --models)")
+    m.add_argument("--mllm", help="Qwen2.5-VL-7B-Instruct folder, ComfyUI text encoder file, or model folder "
+                                  "(its text_encoder/)")
     m.add_argument("--tokenizer", help="Qwen2.5 tokenizer folder, when --mllm is a single file")
-    m.add_argument("--version", choices=("v1.0", "v1.1"), help="which DiT to pick from --models (default: v1.1 "
-                   "if present); the version of the file itself is detected")
+    m.add_argument("--version", choices=("v1.0", "v1.1", "v1.2"), help="which DiT to pick from --models (default: "
+                   "the newest present); the version of the file or folder itself is read from its weights")
     m.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="a LoRA for the DiT, at strength 1.0 unless given (e.g. hands.safetensors:0.8); repeatable")
 
@@ -45,7 +46,8 @@ def _edit_parser(sub) -> None:
     s.add_argument("--steps", type=int, default=28)
     s.add_argument("--cfg", type=float, default=6.0, help="guidance scale (6.0)")
     s.add_argument("--seed", type=int, default=42)
-    s.add_argument("--size-level", type=int, default=512, help="edit at about this many pixels squared (512)")
+    s.add_argument("--size-level", type=int, default=None,
+                   help="edit at about this many pixels squared (512; 1024 for v1.2, as its reference)")
     s.add_argument("--negative-prompt", help='default: "" for edits, the official negative prompt for --t2i')
     s.add_argument("--renorm-threshold", type=float, default=0.93,
                    help="renormalise the guidance while t is above this (0.93; 1.0 turns it off)")
@@ -57,11 +59,22 @@ def _edit_parser(sub) -> None:
                    help="skip the DiT blocks on steps that barely change (official TeaCache; 0.2 is its default, "
                         "0 off): faster, slightly different results")
 
+    r = p.add_argument_group("reasoning (Step1X-Edit v1.2)")
+    r.add_argument("--think", action="store_true",
+                   help="let the v1.2 text encoder rewrite the instruction first (one model reply)")
+    r.add_argument("--reflect", action="store_true",
+                   help="let it judge each result and retry (five replies per try) up to --max-tries edits")
+    r.add_argument("--max-tries", type=int, default=3, help="edits at most with --reflect (3, as the reference)")
+    r.add_argument("--save-tries", action="store_true",
+                   help="also write every try's image (NAME_tryN) and the model's reasoning (NAME_reasoning.txt)")
+
     h = p.add_argument_group("hardware")
     h.add_argument("--device", default="auto", help="device for the DiT and VAE: auto, cuda, cuda:1, cpu, mps")
     h.add_argument("--mllm-device", help="device for the MLLM (default: same as --device)")
     h.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help="compute dtype (bf16)")
     h.add_argument("--mllm-dtype", choices=DTYPE_CHOICES, help="MLLM dtype (default: --dtype)")
+    h.add_argument("--mllm-fp8", action="store_true",
+                   help="keep the MLLM's block weights in fp8 (about half the memory of bf16)")
     h.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="default",
                    help="storage of the DiT block weights; fp8_e4m3fn halves their memory")
     h.add_argument("--attention", choices=backend_names(), default="auto",

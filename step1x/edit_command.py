@@ -22,6 +22,7 @@ from .jobs import JobError, edit_jobs, prepare_output_dir, read_prompts, single_
 from .models.attention import AttentionBackendError, select_backend
 from .models.model import Step1XEdit
 from .pipeline import EditOptions, Step1XPipeline, default_device, find_models
+from .pipeline_v12 import ReasoningOptions
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -52,7 +53,7 @@ def options_from(args: Namespace) -> EditOptions:
         teacache=args.teacache,
     )
     options.validate()
-    if options.size_level < 16:
+    if options.size_level is not None and options.size_level < 16:
         raise UsageError(f"--size-level {options.size_level} is too small; use at least 16 (512 or 1024 are typical)")
     return options
 
@@ -81,6 +82,29 @@ def plan_jobs(args: Namespace):
     if args.prompts:
         raise UsageError("--prompts goes with --input-dir; for one image use --prompt")
     return [single_edit_job(args.image, args.prompt, args.output_dir, args.format)], None
+
+
+def reasoning_from(args: Namespace, dit_version: str) -> ReasoningOptions | None:
+    """The ``--think``/``--reflect`` settings, checked against the DiT's version and the other arguments before any
+    model loads; None for a plain edit."""
+    if not (args.think or args.reflect):
+        return None
+    flags = " and ".join(f for f, on in (("--think", args.think), ("--reflect", args.reflect)) if on)
+    if dit_version != "v1.2":
+        raise UsageError(f"{flags}: thinking and reflection are Step1X-Edit v1.2 features, but the DiT is "
+                         f"{dit_version}; use the v1.2 model folder (--models with Step1X-Edit-v1p2, or "
+                         "--version v1.2)")
+    if args.t2i:
+        raise UsageError(f"{flags} edit an image; they do not apply to --t2i")
+    if args.no_restore_size:
+        raise UsageError(f"{flags}: every try is compared with the input at its size, so --no-restore-size cannot be "
+                         "used with them")
+    reasoning = ReasoningOptions(think=args.think, reflect=args.reflect, max_tries=args.max_tries)
+    try:
+        reasoning.validate()
+    except ValueError as exc:
+        raise UsageError(f"--max-tries {args.max_tries}: {exc}") from None
+    return reasoning
 
 
 def parse_lora(value: str) -> tuple[Path, float]:
@@ -118,6 +142,7 @@ def pipeline_settings(args: Namespace) -> dict:
         device=parse_device(args.device), mllm_device=parse_device(args.mllm_device) if args.mllm_device else None,
         compute_dtype=DTYPES[args.dtype], mllm_dtype=DTYPES[args.mllm_dtype] if args.mllm_dtype else None,
         weight_dtype=args.weight_dtype, attention=select_backend(args.attention), offload=args.offload,
+        generation=bool(args.think or args.reflect), mllm_fp8=args.mllm_fp8,
     )
 
 
@@ -132,6 +157,7 @@ def run_edit(args: Namespace) -> int:
         jobs, input_dir = plan_jobs(args)
         paths = find_models(args.models, version=args.version, dit=args.dit, vae=args.vae, mllm=args.mllm,
                             tokenizer=args.tokenizer)
+        reasoning = reasoning_from(args, inspect_dit(paths.dit).version)
         loras = check_loras(args.lora, paths.dit)
         prepare_output_dir(args.output_dir, jobs, input_dir, overwrite=args.overwrite)
     except (UsageError, JobError, ValueError, OSError, AttentionBackendError) as exc:
@@ -155,7 +181,7 @@ def run_edit(args: Namespace) -> int:
     _say(f"loaded Step1X-Edit {pipe.version} on {pipe.device} in {report.load_seconds:.1f} s; {len(jobs)} image(s)")
     try:
         run_batch(pipe, jobs, options, width=args.width, height=args.height, skip_existing=args.skip_existing,
-                  progress=not args.quiet, report=report)
+                  progress=not args.quiet, report=report, reasoning=reasoning, save_tries=args.save_tries)
     except KeyboardInterrupt:
         report.interrupted = True
     print(report.summary(), flush=True)

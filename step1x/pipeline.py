@@ -1,7 +1,9 @@
 """The whole edit in one object: resize -> MLLM encode -> VAE encode -> denoise -> decode -> resize back.
 
 ``Step1XPipeline`` is what the command line and scripts use; the ComfyUI nodes call the same functions
-one stage per node.
+one stage per node. The DiT's version (read from its weights) decides the encoder layout and the sampler:
+v1.0/v1.1 run the official code's steps below, v1.2 those of its reference pipeline (:mod:`.pipeline_v12`),
+including the reasoning edit (:meth:`Step1XPipeline.reason_edit`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
+from . import pipeline_v12
 from .checkpoints.loading import inspect_dit, load_dit, load_vae
 from .checkpoints.lora import LoraHandle, apply_lora, load_lora
 from .checkpoints.model_files import ModelFilesError, ModelPaths, resolve_models
@@ -24,12 +27,16 @@ from .image_io import pil_to_tensor, tensor_to_pil
 from .models.autoencoder import AutoEncoder
 from .models.configs import T2I_NEGATIVE_PROMPT
 from .models.model import Step1XEdit
+from .pipeline_v12 import V12_SIZE_LEVEL, ModuleStages, ReasoningOptions, V12Settings, check_generation
+from .reasoning import GenerateFn, ReasonEditResult
+from .sampling import v12
 from .sampling.denoise import StepInfo, TextConditioning, autocast_for, denoise, make_noise
 
 log = logging.getLogger(__name__)
 
 T2I_CONDITIONING_SIZE = (1024, 1024)
 """Text-to-image still shows the MLLM an image: the official code passes a black 1024x1024 one."""
+OFFICIAL_SIZE_LEVEL = 512
 
 
 @dataclass
@@ -39,17 +46,25 @@ class EditOptions:
     renorm_threshold: float = 0.93
     """Renorm the CFG difference while t is above this (0.93: later official default; 1.0: first release)."""
     seed: int = 0
-    size_level: int = 512
+    size_level: int | None = None
+    """None: the version's default, 512 for v1.0/v1.1 (official ``inference.py``), 1024 for v1.2."""
     negative_prompt: str | None = None
-    """None: "" for editing, the official long negative prompt for text-to-image."""
+    """None: "" for editing, the version's long negative prompt for text-to-image."""
     strength: float = 1.0
     resize_filter: str = "lanczos"
-    sample_vae: bool = False
-    """Sample the reference latent like the official encode instead of taking the mean."""
+    sample_vae: bool | None = None
+    """Sample the reference latent like the official encode instead of taking the mean. None: the mean for
+    v1.0/v1.1 (deterministic), a sample for v1.2 (as its reference pipeline, from the seeded generator)."""
     restore_size: bool = True
     sequential_cfg: bool = False
     teacache: float = 0.0
     """TeaCache threshold (0: off; 0.2: the official default). Faster, slightly different results."""
+
+    def level(self, version: str) -> int:
+        """The ``size_level`` for Step1X-Edit ``version``."""
+        if self.size_level is not None:
+            return self.size_level
+        return V12_SIZE_LEVEL if version == "v1.2" else OFFICIAL_SIZE_LEVEL
 
     def validate(self) -> None:
         check_sampling(self.steps, self.cfg_scale, self.renorm_threshold)
@@ -109,7 +124,11 @@ def find_models(folder: str | Path | None = None, *, version: str | None = None,
 
 class Step1XPipeline:
     """Holds the three models and runs edits. With ``offload`` each model sits on the CPU until its stage
-    runs, so the MLLM (about 16 GB in bf16) and the DiT (about 25 GB, 13 GB in fp8) never share the GPU."""
+    runs, so the MLLM (about 16 GB in bf16) and the DiT (about 25 GB, 13 GB in fp8) never share the GPU.
+
+    The DiT's version decides the rest: a v1.2 DiT gets the v1.2 encoder layout, sampler and output rules, and
+    :meth:`reason_edit` (thinking and reflection, which need the v1.2 text encoder loaded with
+    ``generation=True``)."""
 
     def __init__(self, dit: Step1XEdit, vae: AutoEncoder, encoder, *, device: torch.device,
                  compute_dtype: torch.dtype = torch.bfloat16, offload: bool = False,
@@ -127,8 +146,15 @@ class Step1XPipeline:
                    device: torch.device | str | None = None, mllm_device: torch.device | str | None = None,
                    compute_dtype: torch.dtype = torch.bfloat16, mllm_dtype: torch.dtype | None = None,
                    weight_dtype: str = "default", attention: str = "auto", offload: bool = False,
-                   loras: Sequence[tuple[str | Path, float]] = ()) -> "Step1XPipeline":
-        """``loras``: (file, strength) pairs applied to the DiT in order (see :meth:`add_lora`)."""
+                   loras: Sequence[tuple[str | Path, float]] = (), generation: bool = False,
+                   mllm_fp8: bool = False) -> "Step1XPipeline":
+        """``loras``: (file, strength) pairs applied to the DiT in order (see :meth:`add_lora`).
+        ``generation``: keep the text encoder's language-model head, for :meth:`reason_edit` (v1.2).
+        ``mllm_fp8``: keep the text encoder's block Linear weights in float8 (an fp8_scaled file as stored, a
+        full-precision one quantised per tensor): about half the memory of bf16.
+
+        Each of ``dit``, ``vae`` and ``mllm`` may be a diffusers-layout model folder (Step1X-Edit-v1p2,
+        Step1X-Edit-v1p1-diffusers), whose ``transformer/``, ``vae/`` and ``text_encoder/`` are then used."""
         from .encoder import load_text_encoder
 
         device = torch.device(device or default_device())
@@ -137,7 +163,8 @@ class Step1XPipeline:
         patches = [(load_lora(path, model), strength) for path, strength in loras]
         ae = load_vae(vae, device=home, dtype=torch.float32)
         text = load_text_encoder(mllm, tokenizer_dir=tokenizer_dir, device=torch.device(mllm_device or home),
-                                 dtype=mllm_dtype or compute_dtype)
+                                 dtype=mllm_dtype or compute_dtype, generation=generation, keep_fp8=mllm_fp8,
+                                 quantize_fp8=mllm_fp8)
         pipe = cls(model, ae, text, device=device, compute_dtype=compute_dtype, offload=offload,
                    offload_encoder=offload and mllm_device is None)
         for patch, strength in patches:
@@ -202,14 +229,22 @@ class Step1XPipeline:
         options = options or EditOptions()
         options.validate()
         timings = timings if timings is not None else Timings()
+        if self.version == "v1.2":
+            stages = self._v12_stages()
+            try:
+                generator = torch.Generator(device="cpu").manual_seed(int(options.seed))
+                return pipeline_v12.edit(stages, image, prompt, self.v12_settings(options), generator,
+                                         dtype=self.compute_dtype, callback=callback, timings=timings)
+            finally:
+                stages.release()
         original_size = image.size
-        ref = resize_to_size_level(image, options.size_level, options.resize_filter)
+        ref = resize_to_size_level(image, options.level(self.version), options.resize_filter)
         t0 = time.perf_counter()
         negative = "" if options.negative_prompt is None else options.negative_prompt
         cond, uncond = self.encode_prompts(ref, prompt, negative)
         vae = self._on_device(self.vae)
         autocast = self.compute_dtype if self.device.type == "cuda" else None
-        reference = encode_reference(vae, [ref], self.device, autocast, options.sample_vae, options.seed)
+        reference = encode_reference(vae, [ref], self.device, autocast, bool(options.sample_vae), options.seed)
         timings.encode_s = time.perf_counter() - t0
         result = self._sample_and_decode(reference.shape, reference, cond, uncond, options, callback, timings)
         return restore_size(result, original_size) if options.restore_size else result
@@ -224,11 +259,78 @@ class Step1XPipeline:
         if self.version == "v1.0":
             log.warning("text-to-image was released with Step1X-Edit v1.1; v1.0 was not trained for it")
         timings = timings if timings is not None else Timings()
+        if self.version == "v1.2":
+            stages = self._v12_stages()
+            try:
+                generator = torch.Generator(device="cpu").manual_seed(int(options.seed))
+                return pipeline_v12.text_to_image(stages, prompt, (width, height), self.v12_settings(options),
+                                                  generator, dtype=self.compute_dtype, callback=callback,
+                                                  timings=timings)
+            finally:
+                stages.release()
         t0 = time.perf_counter()
         negative = T2I_NEGATIVE_PROMPT if options.negative_prompt is None else options.negative_prompt
         cond, uncond = self.encode_prompts(Image.new("RGB", T2I_CONDITIONING_SIZE), prompt, negative)
         timings.encode_s = time.perf_counter() - t0
         return self._sample_and_decode((1, 16, height // 8, width // 8), None, cond, uncond, options, callback, timings)
+
+    # ---------------------------------------------------------------------------------------------- v1.2
+
+    def v12_settings(self, options: EditOptions) -> V12Settings:
+        """``options`` as the settings of a v1.2 edit (the reference's sampler with the v1.2 defaults where
+        ``options`` leaves the choice to the version)."""
+        sampling = v12.V12Options(steps=options.steps, cfg_scale=options.cfg_scale,
+                                  renorm_threshold=options.renorm_threshold, size_level=options.level("v1.2"),
+                                  seed=options.seed)
+        return V12Settings(sampling=sampling, negative_prompt=options.negative_prompt,
+                           resize_filter=options.resize_filter,
+                           sample_vae=True if options.sample_vae is None else options.sample_vae,
+                           restore_size=options.restore_size, strength=options.strength, teacache=options.teacache)
+
+    def _v12_stages(self) -> ModuleStages:
+        return ModuleStages(self.dit, self.vae, self.encoder, device=self.device, dtype=self.compute_dtype,
+                            offload=self.offload, offload_encoder=self.offload_encoder)
+
+    def reason_edit(self, image: Image.Image, prompt: str, options: EditOptions | None = None,
+                    reasoning: ReasoningOptions | None = None, *, generate: GenerateFn | None = None,
+                    callback: Callable[[StepInfo], None] | None = None,
+                    should_stop: Callable[[], bool] | None = None,
+                    on_stage: Callable[[str, int], None] | None = None,
+                    on_token: Callable[[int, int], None] | None = None,
+                    timings: Timings | None = None) -> ReasonEditResult:
+        """Step1X-Edit v1.2 with thinking and/or reflection: optionally rewrite ``prompt`` (one model reply),
+        edit, judge the result (five replies normally) and retry up to ``reasoning.max_tries`` edits, as the v1.2
+        reference does. Returns every try (``result.images``), the chosen one (``result.best_image``) and the
+        model's text (``result.reasoning_text()``). Images are at the input size.
+
+        ``generate``: a stand-in for the model's replies (``(ChatCall) -> str``); by default the loaded text
+        encoder writes them (loaded with ``generation=True``), sampled from a stream seeded with
+        ``reasoning.seed`` (default: ``options.seed``). With offloading the DiT and the encoder take turns on
+        the compute device. ``should_stop`` is checked between replies, tokens and stages, and ``callback``
+        after every denoising step (raise from it to cancel)."""
+        options = options or EditOptions()
+        options.validate()
+        reasoning = reasoning or ReasoningOptions()
+        reasoning.validate()
+        if self.version != "v1.2":
+            raise ValueError(
+                f"thinking and reflection are Step1X-Edit v1.2 features, but the DiT is {self.version}; load the "
+                "v1.2 model folder (Step1X-Edit-v1p2: transformer/, vae/, text_encoder/)"
+            )
+        stages = self._v12_stages()
+        if generate is None and reasoning.uses_model:
+            check_generation(self.encoder, " (Step1XPipeline.from_files(..., generation=True); on the command line "
+                             "--think/--reflect do this)")
+            seed = options.seed if reasoning.seed is None else reasoning.seed
+            generate = pipeline_v12.qwen_generate(self.encoder, lambda: stages.place("encoder"), reasoning, seed,
+                                                  should_stop=should_stop, on_token=on_token)
+        try:
+            return pipeline_v12.reasoning_edit(
+                stages, image, prompt, self.v12_settings(options), reasoning, dtype=self.compute_dtype,
+                generate=generate, callback=callback, should_stop=should_stop, on_stage=on_stage,
+                timings=timings)
+        finally:
+            stages.release()
 
     def _sample_and_decode(self, shape, reference, cond, uncond, options, callback, timings) -> Image.Image:
         t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""A complete set of tiny random model files in the official standalone layout.
+"""A complete set of tiny random model files in the official standalone layout, or as a diffusers-layout model
+folder (the layout of Step1X-Edit-v1p2 and Step1X-Edit-v1p1-diffusers).
 
 Used by the self-test and the tests: the files go through exactly the loaders real weights use, so a
 run on them exercises files -> MLLM encode -> connector -> sample -> decode end to end in seconds.
@@ -8,6 +9,7 @@ The images they produce are noise; only the mechanics are real.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -50,6 +52,41 @@ def build_tiny_models(dst: str | os.PathLike, tokenizer_dir: str | os.PathLike, 
     with _quiet_transformers():
         mllm = build_tiny_qwen_folder(dst / MLLM_FOLDER, tokenizer_dir, seed=seed)
     return ModelPaths(dit, vae, mllm)
+
+
+DIFFUSERS_PIPELINES = {"v1.2": "Step1XEditPipelineV1P2", "v1.1": "Step1XEditPipeline"}
+"""``model_index.json`` class names of the released model folders."""
+
+
+def build_tiny_model_folder(dst: str | os.PathLike, tokenizer_dir: str | os.PathLike | None, *,
+                            version: str = "v1.2", seed: int = 0, shards: int = 2) -> Path:
+    """Write a tiny diffusers-layout model folder into ``dst``: ``transformer/`` (``shards`` files and their
+    index), ``vae/``, ``model_index.json``, and unless ``tokenizer_dir`` is None ``text_encoder/`` (sharded,
+    with its generation config; the LM head tied to the embedding, so it can generate) with the tokenizer in
+    ``processor/``. ``version`` is "v1.2" or "v1.1" (Step1X-Edit-v1p1-diffusers). Returns ``dst``."""
+    from .checkpoints.diffusers_write import (
+        dit_to_diffusers,
+        transformer_config,
+        vae_config,
+        vae_to_diffusers,
+        write_component,
+    )
+    from .encoder.tiny import TINY_QWEN25_VL, build_tiny_diffusers_text_encoder
+
+    if version not in DIFFUSERS_PIPELINES:
+        raise ValueError(f"no diffusers-layout Step1X-Edit {version!r}; choose one of {sorted(DIFFUSERS_PIPELINES)}")
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    params = tiny_dit_params(TINY_QWEN25_VL["hidden_size"], version)
+    dit = dit_to_diffusers(_seeded_state(lambda: Step1XEdit(params), seed), params.hidden_size)
+    write_component(dst / "transformer", dit, transformer_config(params), shards=shards)
+    vae = vae_to_diffusers(_seeded_state(lambda: AutoEncoder(TINY_VAE), seed + 1), TINY_VAE)
+    write_component(dst / "vae", vae, vae_config(TINY_VAE))
+    (dst / "model_index.json").write_text(json.dumps({"_class_name": DIFFUSERS_PIPELINES[version]}), encoding="utf-8")
+    if tokenizer_dir is not None:
+        with _quiet_transformers():
+            build_tiny_diffusers_text_encoder(dst, tokenizer_dir, seed=seed)
+    return dst
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 """Writing diffusers-layout model folders for tests: the v1.2 reference set as a model folder, official weights
-in diffusers names, shards with their index, and real-size folders whose shards are sparse holes."""
+in diffusers names (the library's writer, :mod:`step1x.checkpoints.diffusers_write`), shards with their index,
+and real-size folders whose shards are sparse holes."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from step1x.checkpoints.diffusers_files import INDEX_NAME, STACK, SWAP, WEIGHTS_NAME
-from step1x.checkpoints.diffusers_layout import dit_sources
+from step1x.checkpoints.diffusers_files import INDEX_NAME, WEIGHTS_NAME
+from step1x.checkpoints.diffusers_write import dit_to_diffusers as to_diffusers  # noqa: F401 (used by the tests)
+from step1x.checkpoints.diffusers_write import transformer_config as diffusers_config  # noqa: F401
 
 SAFETENSORS_DTYPES = {torch.float32: ("F32", 4), torch.bfloat16: ("BF16", 2), torch.float8_e4m3fn: ("F8_E4M3", 1)}
 
@@ -25,23 +27,6 @@ def v12_model_folder(root: Path, v12_dir: Path) -> Path:
         shutil.copy(v12_dir / f"{stem}_config.json", root / component / "config.json")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "Step1XEditPipelineV1P2"}))
     return root
-
-
-def to_diffusers(state: dict[str, torch.Tensor], hidden: int) -> dict[str, torch.Tensor]:
-    """An official-layout DiT state dict under the diffusers names (the inverse of the loader's key map)."""
-    out = {}
-    for key, tensor in state.items():
-        names, op = dit_sources(key)
-        if op == STACK:
-            sizes = [hidden] * 3 + ([tensor.shape[0] - 3 * hidden] if len(names) == 4 else [])
-            parts = tensor.split(sizes)
-        elif op == SWAP:
-            first, second = tensor.chunk(2)
-            parts = [torch.cat((second, first))]
-        else:
-            parts = [tensor]
-        out.update(zip(names, parts, strict=True))
-    return out
 
 
 def write_sharded(folder: Path, state: dict[str, torch.Tensor], shards: int, config: dict | None = None) -> Path:
@@ -95,18 +80,3 @@ def header_only_shards(folder: Path, shapes: dict[str, tuple[int, ...]], dtype: 
     if config is not None:
         (folder / "config.json").write_text(json.dumps(config))
     return folder
-
-
-def diffusers_config(params) -> dict:
-    """The diffusers ``config.json`` of a Step1X-Edit transformer with these :class:`DiTParams`."""
-    return {
-        "_class_name": "Step1XEditTransformer2DModel", "patch_size": 1, "in_channels": params.in_channels,
-        "out_channels": params.out_channels, "num_layers": params.depth,
-        "num_single_layers": params.depth_single_blocks, "attention_head_dim": params.head_dim,
-        "num_attention_heads": params.num_heads, "joint_attention_dim": params.context_in_dim,
-        "timestep_in_dim": 256, "vector_in_dim": params.vec_in_dim,
-        "connector_in_channels": params.connector.in_channels,
-        "connector_hidden_size": params.connector.hidden_size, "connector_heads_num": params.connector.num_heads,
-        "connector_depth": params.connector.depth, "guidance_embeds": False, "axes_dims_rope": list(params.axes_dim),
-        "enable_text_token_mapping": params.text_token_mapping,
-    }

@@ -12,7 +12,8 @@ read; each ends on an official key such as ``double_blocks.0.img_attn.qkv.weight
   ``base_model.model.`` (PEFT), with ``lora_down``/``lora_up`` or ``lora_A``/``lora_B`` tensors.
 - DiffSynth-Studio's own names (``blocks.0.attn.a_to_qkv``, ``single_blocks.0.to_qkv_mlp``).
 - diffusers' names (``transformer_blocks.0.attn.to_q``): the separate q, k, v (and the single blocks'
-  ``proj_mlp``) LoRAs are stacked into one LoRA on the fused ``qkv`` / ``linear1`` weight.
+  ``proj_mlp``) LoRAs are stacked into one LoRA on the fused ``qkv`` / ``linear1`` weight; ``norm_out.linear``
+  (scale|shift) has the two halves of its output rows swapped onto ``final_layer.adaLN_modulation.1`` (shift|scale).
 
 ``connector.*`` layers are patched like any other when a file has them. Text-encoder modules
 (``lora_te*``) are reported and left out: the MLLM is not patched.
@@ -74,8 +75,11 @@ _DIFFUSERS = {
         "attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2),
         "proj_mlp": ("linear1", 3)}),
 }
+SWAP_HALVES = "swap halves"
+"""The part of a module whose output rows are the official layer's with its two halves swapped."""
 _DIFFUSERS_TOP = {
     "x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+    "norm_out.linear": ("final_layer.adaLN_modulation.1", SWAP_HALVES),
     "time_embed.in_layer": "time_in.in_layer", "time_embed.out_layer": "time_in.out_layer",
     "vec_embed.in_layer": "vector_in.in_layer", "vec_embed.out_layer": "vector_in.out_layer",
 }
@@ -120,11 +124,12 @@ class LoraPatch:
 
 
 class _Part(NamedTuple):
-    """A module of the file: where it goes (``part``: which stacked q/k/v/mlp rows, None for all)."""
+    """A module of the file: where it goes (``part``: which stacked q/k/v/mlp rows, None for all,
+    ``SWAP_HALVES`` for all with the two halves of the rows swapped)."""
 
     name: str
     layout: str
-    part: int | None
+    part: int | str | None
     keys: dict[str, str]
 
 
@@ -171,7 +176,7 @@ def _translate(name: str, shapes, kohya: dict[str, str]) -> tuple[str, str, int 
     return (layout, module, part) if module in shapes else None
 
 
-def _rename(name: str) -> tuple[str, str | tuple[str, int] | None]:
+def _rename(name: str) -> tuple[str, str | tuple[str, int | str] | None]:
     """A DiffSynth-Studio or diffusers module name as the official one (with its stacked part)."""
     if name in _DIFFUSERS_TOP:
         return "diffusers", _DIFFUSERS_TOP[name]
@@ -264,7 +269,7 @@ def _check_shapes(plan: LoraPlan) -> None:
             )
         for p in parts:
             down, up = tensors[p.keys["down"]].shape, tensors[p.keys["up"]].shape
-            rows = out if p.part is None else inp if p.part < 3 else out - 3 * inp
+            rows = out if p.part in (None, SWAP_HALVES) else inp if p.part < 3 else out - 3 * inp
             alpha = tensors[p.keys["alpha"]].shape if "alpha" in p.keys else ()
             if len(down) != 2 or not down[0] or down[1] != inp or tuple(up) != (rows, down[0]) or len(alpha) > 1:
                 wrong.append(f"{p.name}: down {tuple(down)}, up {tuple(up)} for {target} {(out, inp)}")
@@ -320,8 +325,11 @@ def _scale(alpha: Tensor | None, rank: int) -> float:
 
 
 def _module(target: str, loaded, shape) -> LoraModule:
-    if len(loaded) == 1 and loaded[0][0].part is None:
-        _, up, down, scale = loaded[0]
+    if len(loaded) == 1 and loaded[0][0].part in (None, SWAP_HALVES):
+        part, up, down, scale = loaded[0]
+        if part.part == SWAP_HALVES:
+            first, second = up.chunk(2)
+            up = torch.cat((second, first))
         return LoraModule(target, up, down, scale)
     out, inp = shape
     rank = sum(down.shape[0] for _, _, down, _ in loaded)

@@ -7,12 +7,22 @@ Two layouts are understood:
       MODELS/step1x-edit-v1p1-official.safetensors   (or step1x-edit-i1258.safetensors for v1.0)
       MODELS/vae.safetensors
       MODELS/Qwen2.5-VL-7B-Instruct/
+      MODELS/Step1X-Edit-v1p2/                       (a diffusers-layout model folder, any name)
 
 * ComfyUI (the ComfyUI folder or its ``models`` folder)::
 
       models/diffusion_models/step1x-edit-v1p1-official.safetensors
+      models/diffusion_models/Step1X-Edit-v1p2/      (the whole model folder)
       models/vae/step1x-edit-vae.safetensors         (``vae.safetensors`` of stepfun-ai/Step1X-Edit, renamed)
       models/text_encoders/Qwen2.5-VL-7B-Instruct/   (or ComfyUI's qwen_2.5_vl_7b*.safetensors)
+
+A diffusers-layout model folder (Step1X-Edit-v1p2, Step1X-Edit-v1p1-diffusers) is recognised by its
+``transformer/`` folder; its ``vae/`` and ``text_encoder/`` (with ``processor/`` or ``tokenizer/``) are then
+used as the VAE and the MLLM. Its version is read from the weights, never from its name. v1.2 needs its own
+text encoder: a v1.2 folder without ``text_encoder/`` is completed by a model folder of the same name in the
+text encoder folders (``models/text_encoders/Step1X-Edit-v1p2/text_encoder/``), else it is an error; a
+v1.1-diffusers folder without one uses the Qwen2.5-VL-7B-Instruct found as usual. Without ``version`` the newest
+DiT found is taken (v1.2, then v1.1 with the official file before a diffusers folder, then v1.0).
 """
 
 from __future__ import annotations
@@ -23,6 +33,12 @@ from pathlib import Path
 
 DIT_REPO = "stepfun-ai/Step1X-Edit"
 MLLM_REPO = "Qwen/Qwen2.5-VL-7B-Instruct"
+MODEL_FOLDERS = {"v1.2": ("stepfun-ai/Step1X-Edit-v1p2", "Step1X-Edit-v1p2"),
+                 "v1.1-diffusers": ("stepfun-ai/Step1X-Edit-v1p1-diffusers", "Step1X-Edit-v1p1-diffusers")}
+"""Diffusers-layout models: (Hugging Face repository, folder name the downloader uses)."""
+TRANSFORMER_DIR, VAE_DIR, TEXT_ENCODER_DIR = "transformer", "vae", "text_encoder"
+VERSIONS = ("v1.0", "v1.1", "v1.2")
+"""Oldest first."""
 
 DIT_FILES = {"v1.1": "step1x-edit-v1p1-official.safetensors", "v1.0": "step1x-edit-i1258.safetensors"}
 """Official DiT file per version, newest first."""
@@ -62,14 +78,50 @@ def _model_dirs(folder: Path) -> dict[str, list[Path]]:
     return dirs
 
 
+def is_model_folder(path: Path) -> bool:
+    """A diffusers-layout model folder: one with a ``transformer/`` folder."""
+    return path.is_dir() and (path / TRANSFORMER_DIR).is_dir()
+
+
+def model_folders(dirs: list[Path]) -> list[Path]:
+    """The diffusers-layout model folders among ``dirs`` and their sub-folders (hidden ones skipped)."""
+    found = []
+    for d in dirs:
+        if is_model_folder(d):
+            found.append(d)
+        elif d.is_dir():
+            found += sorted(p for p in d.iterdir() if not p.name.startswith(".") and is_model_folder(p))
+    return list(dict.fromkeys(found))
+
+
+def dit_version(path: Path) -> str:
+    """The Step1X-Edit version of a DiT file or model folder, from its weights (headers only)."""
+    from .loading import inspect_dit
+
+    return inspect_dit(path).version
+
+
 def _find_dit(dirs: list[Path], version: str | None) -> Path | None:
-    versions = [version] if version else list(DIT_FILES)
-    for v in versions:
-        for d in dirs:
-            if (d / DIT_FILES[v]).is_file():
-                return d / DIT_FILES[v]
+    names = [version] if version in DIT_FILES else [] if version else list(DIT_FILES)
+    official = [d / DIT_FILES[v] for v in names for d in dirs if (d / DIT_FILES[v]).is_file()]
+    if official and version:
+        return official[0]
+    folders = model_folders(dirs)
+    if folders:
+        versions = {p: dit_version(p) for p in official + folders}
+        wanted = version or max(versions.values(), key=VERSIONS.index)
+        pool = [p for p in official + folders if versions[p] == wanted]
+        chosen = [p for p in pool if p in folders]
+        if pool and pool[0] in official:
+            return pool[0]
+        if len(chosen) > 1:
+            raise ModelFilesError(f"several Step1X-Edit {wanted} model folders found "
+                                  f"({', '.join(map(str, chosen))}); choose one with --dit")
+        return chosen[0] if chosen else None
     if version:
         return None
+    if official:
+        return official[0]
     others = sorted({p for d in dirs for p in d.glob("*step1x*edit*.safetensors") if "vae" not in p.name.lower()})
     if len(others) > 1:
         names = ", ".join(p.name for p in others)
@@ -103,11 +155,41 @@ def comfy_tokenizer(folder: Path) -> Path | None:
 
 def expected_layout(folder: str | os.PathLike, version: str = "v1.1") -> str:
     folder = Path(folder)
+    if version == "v1.2":
+        return (f"  {folder / MODEL_FOLDERS['v1.2'][1]}/ (transformer/, vae/, text_encoder/, processor/)\n"
+                f"or in ComfyUI models/diffusion_models/{MODEL_FOLDERS['v1.2'][1]}/")
     return (
         f"  {folder / DIT_FILES[version]}\n  {folder / VAE_FILE}\n  {folder / MLLM_FOLDER}/\n"
         f"or the ComfyUI folders models/diffusion_models, models/vae ({COMFY_VAE_FILE}), "
-        f"models/text_encoders ({MLLM_FOLDER}/ or {COMFY_MLLM_FILES[0]})"
+        f"models/text_encoders ({MLLM_FOLDER}/ or {COMFY_MLLM_FILES[0]}); "
+        "or a diffusers-layout model folder (transformer/, vae/, text_encoder/)"
     )
+
+
+def model_root(path: Path) -> Path | None:
+    """The diffusers-layout model folder ``path`` is, or whose ``transformer/`` (or a file in it) it is."""
+    for candidate in (path, path.parent, path.parent.parent):
+        if is_model_folder(candidate) and (candidate == path or path.is_relative_to(candidate / TRANSFORMER_DIR)):
+            return candidate
+    return None
+
+
+def _folder_text_encoder(root: Path, mllm_dirs: list[Path]) -> Path | None:
+    """The text encoder that goes with the model folder ``root``: its own ``text_encoder/``, or that of a model
+    folder of the same name among the text encoder folders; for v1.2 nothing else will do."""
+    if (root / TEXT_ENCODER_DIR).is_dir():
+        return root
+    for d in mllm_dirs:
+        if (d / root.name / TEXT_ENCODER_DIR).is_dir():
+            return d / root.name
+    if dit_version(root) == "v1.2":
+        raise ModelFilesError(
+            f"{root} is a Step1X-Edit v1.2 model folder without {TEXT_ENCODER_DIR}/. v1.2 uses its own fine-tuned "
+            f"Qwen2.5-VL, which the model folder ships in {TEXT_ENCODER_DIR}/ (with processor/); the stock "
+            "Qwen2.5-VL-7B-Instruct is not a substitute. Download the complete folder (`python -m step1x download "
+            f"--model v1.2`) or give that text encoder with --mllm."
+        )
+    return None
 
 
 def resolve_models(
@@ -121,12 +203,14 @@ def resolve_models(
 ) -> ModelPaths:
     """The three model paths from a models folder, each overridable by an explicit path.
 
-    ``version`` ("v1.0"/"v1.1") picks the official DiT file when both are present; without it v1.1 is
-    preferred. Raises :class:`ModelFilesError` naming every missing piece and where it was looked for."""
-    if version is not None and version not in DIT_FILES:
-        raise ValueError(f"unknown version {version!r}; choose one of {sorted(DIT_FILES)}")
+    ``version`` ("v1.0"/"v1.1"/"v1.2") picks the DiT when several are present (the official file before a
+    diffusers folder); without it the newest is taken. When the DiT is a diffusers-layout model folder, its
+    ``vae/`` and ``text_encoder/`` are the VAE and the MLLM unless given (see the module docstring). Raises
+    :class:`ModelFilesError` naming every missing piece and where it was looked for."""
+    if version is not None and version not in VERSIONS:
+        raise ValueError(f"unknown version {version!r}; choose one of {list(VERSIONS)}")
     found: dict[str, Path | None] = {"dit": None, "vae": None, "mllm": None}
-    root = None
+    root = dirs = None
     if folder is not None:
         root = Path(folder).expanduser()
         if not root.is_dir():
@@ -134,20 +218,29 @@ def resolve_models(
         dirs = _model_dirs(root)
         if dit is None:
             found["dit"] = _find_dit(dirs["dit"], version)
-        if vae is None:
-            found["vae"] = _find_vae(dirs["vae"])
-        if mllm is None:
-            found["mllm"] = _find_mllm(dirs["mllm"])
     for kind, given in (("dit", dit), ("vae", vae), ("mllm", mllm)):
         if given is not None:
             path = Path(given).expanduser()
             if not path.exists():
                 raise ModelFilesError(f"--{kind} {path} does not exist")
             found[kind] = path
+    folder_model = model_root(found["dit"]) if found["dit"] is not None else None
+    if folder_model is not None:
+        if vae is None and (folder_model / VAE_DIR).is_dir():
+            found["vae"] = folder_model
+        if mllm is None:
+            found["mllm"] = _folder_text_encoder(folder_model, dirs["mllm"] if dirs else [])
+    if dirs is not None:
+        if found["vae"] is None:
+            found["vae"] = _find_vae(dirs["vae"])
+        if found["mllm"] is None:
+            found["mllm"] = _find_mllm(dirs["mllm"])
     missing = [kind for kind, path in found.items() if path is None]
     if missing:
-        what = {"dit": f"the DiT ({' or '.join(DIT_FILES[v] for v in ([version] if version else DIT_FILES))})",
-                "vae": f"the VAE ({VAE_FILE})", "mllm": f"the MLLM ({MLLM_FOLDER}/)"}
+        names = [DIT_FILES[v] for v in ([version] if version else DIT_FILES) if v in DIT_FILES]
+        names += [f"a model folder such as {MODEL_FOLDERS['v1.2'][1]}/"] if version in (None, "v1.2") else []
+        what = {"dit": f"the DiT ({' or '.join(names)})", "vae": f"the VAE ({VAE_FILE})",
+                "mllm": f"the MLLM ({MLLM_FOLDER}/)"}
         where = f"in {root}" if root else "(no --models folder given)"
         raise ModelFilesError(
             f"missing {', '.join(what[k] for k in missing)} {where}. Expected\n"
