@@ -9,6 +9,7 @@ from .checkpoints.loading import WEIGHT_DTYPES
 from .models.attention import backend_names
 
 DTYPE_CHOICES = ("bf16", "fp16", "fp32")
+DOWNLOAD_MODELS = ("v1.1", "v1.0", "all", "v1.2", "v1.1-diffusers")
 
 
 def _edit_parser(sub) -> None:
@@ -91,20 +92,30 @@ def _selftest_parser(sub) -> None:
     p.add_argument("--keep", help="build in this folder and keep the models and the image")
     p.add_argument("--output", help="also copy the result image to this file")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps")
+    p.add_argument("--version", choices=("v1.1", "v1.2"), default="v1.1",
+                   help="v1.1: the official single files; v1.2: a diffusers-layout model folder, plain and "
+                        "reasoning (thinking + reflection) edits with scripted replies")
 
 
 def _download_parser(sub) -> None:
     p = sub.add_parser("download", help="fetch the official weights from Hugging Face",
                        description="Download the Step1X-Edit DiT, its VAE and Qwen2.5-VL-7B-Instruct into ComfyUI's "
-                                   "model folders (--comfyui) or one folder (--dest). Resumable: run it again after "
-                                   "an interruption.")
+                                   "model folders (--comfyui) or one folder (--dest); or a diffusers-layout model "
+                                   "(--model v1.2, v1.1-diffusers) as one model folder. Resumable: run it again "
+                                   "after an interruption.")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--comfyui", help="ComfyUI folder: files go to models/diffusion_models, models/vae, "
                                          "models/text_encoders")
     where.add_argument("--dest", help="one folder in the official layout (for --models)")
-    p.add_argument("--version", choices=("v1.1", "v1.0", "all"), default="v1.1", help="which DiT (v1.1)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", choices=DOWNLOAD_MODELS,
+                       help="which model (v1.1): v1.1/v1.0/all as single files; v1.2 or v1.1-diffusers as a "
+                            "diffusers-layout model folder with its own VAE and text encoder")
+    which.add_argument("--version", choices=("v1.1", "v1.0", "all"), help="the single-file DiT (same as --model)")
     p.add_argument("--skip-mllm", action="store_true",
-                   help="leave out Qwen2.5-VL-7B-Instruct (e.g. when ComfyUI already has qwen_2.5_vl_7b)")
+                   help="leave out Qwen2.5-VL-7B-Instruct (e.g. when ComfyUI already has qwen_2.5_vl_7b); with "
+                        "v1.1-diffusers the folder's text_encoder/ (the same model); not with v1.2, which needs "
+                        "its own")
     p.add_argument("--plan", action="store_true", help="only show where each file would go")
 
 
@@ -121,18 +132,21 @@ def _selftest(args) -> int:
     from .selftest import run_selftest
 
     result = run_selftest(tokenizer=args.tokenizer, keep=args.keep, output=args.output, device=args.device,
-                          say=lambda text: print(text, flush=True))
+                          version=args.version, say=lambda text: print(text, flush=True))
     print(result.report())
     return 0 if result.ok else 1
 
 
 def _download(args) -> int:
-    from .checkpoints.model_files import COMFY_MLLM_FILES
+    from .checkpoints.model_files import COMFY_MLLM_FILES, MODEL_FOLDERS
     from .download import DownloadError, HubUnavailable, describe_plan, download, manual_instructions, plan_download
 
-    versions = ("v1.1", "v1.0") if args.version == "all" else (args.version,)
+    model = args.model or args.version or "v1.1"
+    folders = (model,) if model in MODEL_FOLDERS else ()
+    versions = () if folders else ("v1.1", "v1.0") if model == "all" else (model,)
     try:
-        plan = plan_download(comfyui=args.comfyui, dest=args.dest, versions=versions, mllm=not args.skip_mllm)
+        plan = plan_download(comfyui=args.comfyui, dest=args.dest, versions=versions, mllm=not args.skip_mllm,
+                             folders=folders)
     except DownloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,11 @@ Builds tiny random models in a temporary folder under the official file names, t
 image through the same path real weights take: the models folder is resolved, the files are loaded by
 the real loaders, the MLLM encodes image + instruction, the connector and DiT sample, the VAE decodes,
 and the result is written by the batch runner. The image is noise; the mechanics are what is tested.
+
+``version="v1.2"`` builds a tiny v1.2 model folder in the diffusers layout instead (sharded transformer with
+its index, VAE, text encoder with its language-model head, tokenizer in ``processor/``), runs a plain edit,
+then the thinking + reflection loop with scripted model replies (two tries), and lets the tiny text encoder
+write one real reply.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from PIL import Image
 
 TOKENIZER_ENV = "STEP1X_QWEN_TOKENIZER"
 PROMPT = 'make the sky purple and write "OK" on the wall'
+SIZE_LEVEL = 64
+SELFTEST_VERSIONS = ("v1.1", "v1.2")
 
 
 @dataclass
@@ -80,16 +87,49 @@ def _check_output(path: Path, size: tuple[int, int]) -> None:
         raise AssertionError("the result is one flat colour; the decoder produced no image")
 
 
+def _check_reasoning(pipe, source: Image.Image, steps: int, say) -> None:
+    """Thinking + reflection with scripted replies (think, refine try 1, accept try 2), then one real reply."""
+    from .pipeline import EditOptions
+    from .pipeline_v12 import ReasoningOptions
+    from .reasoning.scripted import EXAMPLE_SCRIPT, ScriptedGenerator
+
+    options = EditOptions(steps=steps, size_level=SIZE_LEVEL, seed=42)
+    script = ScriptedGenerator(EXAMPLE_SCRIPT)
+    result = pipe.reason_edit(source, PROMPT, options, ReasoningOptions(max_tries=3), generate=script)
+    expected = (2, 1, 11, EXAMPLE_SCRIPT["think_reformat"][0])
+    found = (len(result.tries), result.best_index, len(result.calls), result.reformat_prompt)
+    if found != expected:
+        raise AssertionError(f"the scripted reasoning edit gave (tries, best, replies, instruction) {found}, "
+                             f"expected {expected}")
+    if result.tries[1].source != 0 or any(t.image.size != source.size for t in result.tries):
+        raise AssertionError("the second try did not edit the first try's output at the input size")
+    say(f"reasoning edit: {len(result.tries)} tries, {len(result.calls)} scripted replies, best try "
+        f"{result.best_index + 1}")
+    tokens: list[int] = []
+    real = pipe.reason_edit(source, PROMPT, options, ReasoningOptions(reflect=False, max_new_tokens=4),
+                            on_token=lambda done, total: tokens.append(done))
+    if len(real.calls) != 1 or not tokens:
+        raise AssertionError(f"the tiny text encoder generated no tokens: {real.calls}")
+    reply = real.calls[0].reply
+    say(f"the tiny text encoder generated {tokens[-1]} tokens"
+        + (f": {reply!r}" if reply else " (outside the stand-in tokenizer's small vocabulary, so no text)"))
+
+
 def run_selftest(*, tokenizer: str | os.PathLike | None = None, keep: str | os.PathLike | None = None,
                  output: str | os.PathLike | None = None, device: str = "cpu", steps: int = 4,
-                 say=print) -> SelftestResult:
+                 version: str = "v1.1", say=print) -> SelftestResult:
     """Run the whole pipeline on tiny models. ``keep``: build in this folder and leave everything there
-    (otherwise a temporary folder is used and removed); ``output``: also copy the result image there."""
+    (otherwise a temporary folder is used and removed); ``output``: also copy the result image there.
+    ``version``: "v1.1" (the official single files) or "v1.2" (a diffusers-layout model folder, plain and
+    reasoning edits)."""
+    if version not in SELFTEST_VERSIONS:
+        raise ValueError(f"unknown self-test version {version!r}; choose one of {list(SELFTEST_VERSIONS)}")
     from .batch import run_batch
+    from .checkpoints.model_files import MODEL_FOLDERS
     from .encoder.tokens import load_tokenizer
     from .jobs import edit_jobs, prepare_output_dir
     from .pipeline import EditOptions, Step1XPipeline
-    from .tiny import build_tiny_models
+    from .tiny import build_tiny_model_folder, build_tiny_models
     from .tiny_tokenizer import write_tiny_tokenizer
 
     token_dir, token_source = find_tokenizer(tokenizer)
@@ -103,26 +143,36 @@ def run_selftest(*, tokenizer: str | os.PathLike | None = None, keep: str | os.P
             token_dir = write_tiny_tokenizer(work / "tokenizer")
         else:
             load_tokenizer(token_dir)
-        build_tiny_models(work / "models", token_dir)
+        if version == "v1.2":
+            build_tiny_model_folder(work / "models" / MODEL_FOLDERS["v1.2"][1], token_dir, version="v1.2")
+        else:
+            build_tiny_models(work / "models", token_dir)
         timings["build"] = time.perf_counter() - t0
-        say(f"built tiny models in {work / 'models'}")
+        say(f"built tiny {version} models in {work / 'models'}")
 
         t0 = time.perf_counter()
-        pipe = Step1XPipeline.from_folder(work / "models", device=device, compute_dtype=torch.float32)
+        pipe = Step1XPipeline.from_folder(work / "models", device=device, compute_dtype=torch.float32,
+                                          generation=version == "v1.2")
         timings["load"] = time.perf_counter() - t0
+        if pipe.version != version:
+            raise AssertionError(f"the tiny DiT was read as {pipe.version}, expected {version}")
 
         source = test_image()
         (work / "input").mkdir(parents=True, exist_ok=True)
         source.save(work / "input" / "gradient.png")
         jobs = edit_jobs(work / "input", {"gradient.png": PROMPT}, work / "output")
         prepare_output_dir(work / "output", jobs, work / "input")
-        report = run_batch(pipe, jobs, EditOptions(steps=steps, size_level=64, seed=42), progress=False)
+        report = run_batch(pipe, jobs, EditOptions(steps=steps, size_level=SIZE_LEVEL, seed=42), progress=False)
         if not report.ok:
             raise AssertionError(report.results[0].error)
         stage = report.results[0].timings
         timings.update(encode=stage.encode_s, sample=stage.sample_s, decode=stage.decode_s)
         _check_output(jobs[0].output, source.size)
         result.image = jobs[0].output
+        if version == "v1.2":
+            t0 = time.perf_counter()
+            _check_reasoning(pipe, source, steps, say)
+            timings["reason"] = time.perf_counter() - t0
         if output is not None:
             result.image = Path(output)
             result.image.parent.mkdir(parents=True, exist_ok=True)

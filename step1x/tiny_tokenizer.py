@@ -6,7 +6,8 @@ the Qwen2.5 format that any Qwen2 tokenizer class reads, with:
 
 * the byte-level alphabet in GPT-2 order (so ``!`` is id 0, as in Qwen2.5), which can spell any text;
 * merges that tokenise the official prompt template exactly as Qwen2.5 does (218 tokens before the image,
-  the ``:`` of "User Prompt:" at index 217), so the official 217-token cut lands where it does for real;
+  the ``:`` of "User Prompt:" at index 217), so the official 217-token cut lands where it does for real,
+  and the v1.2 template likewise (the ``:`` of "The editing instruction is:" at index 90);
 * the special tokens and the curly quotes at their real ids (``<|vision_start|>`` 151652, ``“`` 2073, ...).
 
 Ordinary words outside the template fall back to short pieces; that changes nothing the pipeline checks.
@@ -53,8 +54,8 @@ TEMPLATE_SPLITS = {
     "-decker": ("-de", "cker"),
     "Ġskyscrapers": ("Ġskys", "crap", "ers"),
 }
-"""The words of the template that Qwen2.5 splits into several tokens (byte-level spelling, Ġ = space).
-Every other word of the template is one token."""
+"""The words of the templates that Qwen2.5 splits into several tokens (byte-level spelling, Ġ = space).
+Every other word of the templates is one token."""
 
 
 def _byte_table() -> dict[int, str]:
@@ -79,11 +80,12 @@ def _pretokenize(text: str) -> list[str]:
 
 
 def template_words() -> list[tuple[str, tuple[str, ...]]]:
-    """(byte-level word, its Qwen2.5 tokens) for every word of the official prompt template."""
-    from .encoder.template import chat_text
+    """(byte-level word, its Qwen2.5 tokens) for every word of the official and the v1.2 prompt templates."""
+    from .encoder.template import chat_text, chat_text_v12
 
     specials = "|".join(re.escape(content) for content, _ in SPECIAL_TOKENS.values())
-    words = [_pretokenize(segment) for segment in re.split(specials, chat_text(""))]
+    words = [_pretokenize(segment) for text in (chat_text(""), chat_text_v12(""))
+             for segment in re.split(specials, text)]
     words.append([_pretokenize(text)[0] for text in FIXED_IDS])
     return [(word, TEMPLATE_SPLITS.get(word, (word,))) for group in words for word in group]
 

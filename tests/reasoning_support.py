@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import defaultdict
 from functools import lru_cache
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from step1x.reasoning.messages import ChatCall
+from step1x.reasoning.scripted import ScriptedGenerator
 
 SOURCE_SEED = 7936
 EDITED_SEED = 99
@@ -55,22 +54,5 @@ def load_fixture_qwen(v12_dir: Path, folder: Path, tokenizer_dir: Path):
     return model
 
 
-class ScriptedModel:
-    """A ``GenerateFn`` that answers each call kind from a script: the n-th call of a kind gets that kind's
-    n-th reply, the last one repeating (as the fixture scenarios were recorded). Every call is kept."""
-
-    def __init__(self, script: dict[str, list[str]]):
-        self.script = script
-        self.calls: list[ChatCall] = []
-        self.replies: list[str] = []
-        self.counts: dict[str, int] = defaultdict(int)
-
-    def __call__(self, call: ChatCall) -> str:
-        replies = self.script.get(call.kind)
-        if not replies:
-            raise AssertionError(f"unexpected {call.kind} call")
-        reply = replies[min(self.counts[call.kind], len(replies) - 1)]
-        self.counts[call.kind] += 1
-        self.calls.append(call)
-        self.replies.append(reply)
-        return reply
+ScriptedModel = ScriptedGenerator
+"""The library's scripted stand-in for the model (the fixture scenarios were recorded with that reply rule)."""
