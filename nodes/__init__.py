@@ -5,6 +5,7 @@ from .conditioning import Connector, InstructionEncode
 from .image import Resize, RestoreSize, VaeDecode, VaeEncode
 from .loaders import DiTLoader, MllmLoader, VaeLoader
 from .lora import LoraLoader
+from .reasoning import ReasonEdit, Reflect, Think
 from .sampler import Sampler
 from .teacache import TeaCache
 
@@ -21,6 +22,9 @@ NODE_CONFIG = {
     "Step1XEditVAEEncode": {"class": VaeEncode, "name": "Step1X-Edit VAE Encode"},
     "Step1XEditResize": {"class": Resize, "name": "Step1X-Edit Resize (size_level)"},
     "Step1XEditRestoreSize": {"class": RestoreSize, "name": "Step1X-Edit Restore Original Size"},
+    "Step1XEditThink": {"class": Think, "name": "Step1X-Edit Think (v1.2)"},
+    "Step1XEditReflect": {"class": Reflect, "name": "Step1X-Edit Reflect (v1.2)"},
+    "Step1XEditReasonEdit": {"class": ReasonEdit, "name": "Step1X-Edit Reason Edit (v1.2)"},
 }
 
 NODE_CLASS_MAPPINGS = {node_id: entry["class"] for node_id, entry in NODE_CONFIG.items()}

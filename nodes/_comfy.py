@@ -367,3 +367,25 @@ class Progress:
             self.bar.update_absolute(info.step + 1, info.total, preview)
         elif _progress_hook is not None:
             _progress_hook(info.step + 1, info.total, info.denoised)
+
+
+class Counter:
+    """A progress bar over units other than sampling steps (generated tokens), with the Cancel check:
+    ``counter(done, total)``."""
+
+    def __init__(self, total: int = 1):
+        self.bar = comfy.utils.ProgressBar(total) if IN_COMFYUI else None
+
+    def __call__(self, done: int, total: int) -> None:
+        check_interrupt()
+        if self.bar is not None:
+            self.bar.update_absolute(done, total)
+        elif _progress_hook is not None:
+            _progress_hook(done, total, None)
+
+
+def should_stop() -> bool:
+    """For the library's ``should_stop`` callbacks: raises ComfyUI's interrupt (or :class:`Interrupted`
+    headless) when Cancel was pressed, else False."""
+    check_interrupt()
+    return False

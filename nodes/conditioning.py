@@ -7,24 +7,40 @@ import logging
 import torch
 from PIL import Image
 
+from ..step1x.encoder.image_v12 import blank_reference
 from ..step1x.geometry import resize_to_size_level
 from ..step1x.graph_io import to_pil_list
 from ..step1x.pipeline import T2I_CONDITIONING_SIZE
 from ..step1x.sampling.denoise import TextConditioning
 from . import _comfy as bridge
-from .sockets import CATEGORY, CONDITIONING, DIT, EMBEDS, MLLM, InstructionEmbeds, Step1XConditioning
+from .sockets import (
+    CATEGORY,
+    CONDITIONING,
+    DIT,
+    EMBEDS,
+    LAYOUT_V11,
+    LAYOUT_V12,
+    MLLM,
+    InstructionEmbeds,
+    Step1XConditioning,
+    check_layout,
+)
 
 log = logging.getLogger("step1x_edit")
 
+V12_TOKENS = 2560
+"""Tokens of one v1.2 MLLM forward at most (up to 400 image tokens and a 2048-token prompt)."""
 MLLM_TOKENS = 1024
 """Tokens of one MLLM forward (about 324 image tokens plus the prompt), for the memory estimate."""
+LAYOUTS = ["auto", LAYOUT_V11, LAYOUT_V12]
 
 
 class InstructionEncode:
     DESCRIPTION = ("Encodes the edit instruction together with the reference image with the MLLM, for both sides of "
                    "classifier-free guidance (instruction and negative). The image is resized to size_level first, "
-                   "as the official editor does. Without an image it encodes a text-to-image prompt (v1.1). "
-                   "It does not depend on the seed, so changing only the seed does not re-run it.")
+                   "as the official editor does. Without an image it encodes a text-to-image prompt. The layout "
+                   "must be the one the DiT takes (v1.0-v1.1 or v1.2); auto follows what the MLLM loader read from "
+                   "the model folder. It does not depend on the seed, so changing only the seed does not re-run it.")
     CATEGORY = CATEGORY
     FUNCTION = "encode"
     RETURN_TYPES = (EMBEDS,)
@@ -48,10 +64,21 @@ class InstructionEncode:
             },
             "optional": {
                 "image": ("IMAGE", {"tooltip": "The image to edit (original size). Leave empty for text-to-image."}),
+                "layout": (LAYOUTS, {"default": "auto", "tooltip": (
+                    "The prompt layout of the DiT this feeds: v1.0-v1.1 (official 640-token embeddings) or v1.2 "
+                    "(the v1.2 template, text positions and quote mask; size_level 1024 as its reference). auto: "
+                    "v1.2 when the MLLM was loaded from a model folder whose transformer is v1.2, else v1.0-v1.1. "
+                    "The Connector refuses a layout its DiT does not take.")}),
             },
         }
 
-    def encode(self, mllm, instruction, negative_prompt, size_level, image=None):
+    def encode(self, mllm, instruction, negative_prompt, size_level, image=None, layout="auto"):
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+        if layout == "auto":
+            layout = mllm.layout or LAYOUT_V11
+        if layout == LAYOUT_V12:
+            return (encode_v12(mllm, instruction, negative_prompt, size_level, image),)
         if image is None:
             images, working = [Image.new("RGB", T2I_CONDITIONING_SIZE)], None
         else:
@@ -66,6 +93,30 @@ class InstructionEncode:
         cond = TextConditioning(emb[:, 0], mask[:, 0])
         uncond = TextConditioning(emb[:, 1], mask[:, 1])
         return (InstructionEmbeds(cond, uncond, working, mllm.name),)
+
+
+def encode_v12(mllm, instruction: str, negative_prompt: str, size_level: int, image=None) -> InstructionEmbeds:
+    """The v1.2 layout: one conditioning per image and side (each trimmed to its tokens); without an image the
+    black ``size_level`` square v1.2 shows the encoder for text-to-image."""
+    if image is None:
+        images, working = [blank_reference(size_level)], None
+    else:
+        images = [resize_to_size_level(p, size_level) for p in to_pil_list(image)]
+        working = images[0].size
+    encoder = mllm.encoder
+    bridge.load([mllm.patcher], memory_required=V12_TOKENS * encoder.hidden_size * 4 * 16, full=True)
+    out = bridge.intermediate_device()
+    cond, uncond = [], []
+    for img in images:
+        pair = encoder.encode_pair_v12(img, instruction, negative_prompt)
+        cond.append(_to(pair[0], out))
+        uncond.append(_to(pair[1], out))
+    return InstructionEmbeds(cond, uncond, working, mllm.name, layout=LAYOUT_V12)
+
+
+def _to(side: TextConditioning, device) -> TextConditioning:
+    return TextConditioning(*(None if t is None else t.to(device) for t in (
+        side.llm_embedding, side.mask, side.txt_ids, side.text_embeds, side.text_mask)))
 
 
 class Connector:
@@ -86,6 +137,7 @@ class Connector:
         }}
 
     def bind(self, model, embeddings):
+        check_layout(embeddings, model)
         expected = model.model.params.connector.in_channels
         if embeddings.hidden_size != expected:
             raise ValueError(

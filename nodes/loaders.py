@@ -1,24 +1,36 @@
-"""Loaders for the three models: the DiT (with its connector), the MLLM instruction encoder and the VAE."""
+"""Loaders for the three models: the DiT (with its connector), the MLLM instruction encoder and the VAE. Each
+also lists diffusers-layout model folders (see :mod:`.model_lists`)."""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from ..step1x.checkpoints.loading import load_dit, load_vae
+from ..step1x.checkpoints.model_files import dit_version_beside
+from ..step1x.checkpoints.safetensors_file import CheckpointError
 from ..step1x.models.attention import backend_names
 from . import _comfy as bridge
-from .sockets import CATEGORY, DIT, MLLM, DiT, Mllm
+from .model_lists import dit_choices, find, mllm_choices, vae_choices
+from .sockets import CATEGORY, DIT, LAYOUT_V11, LAYOUT_V12, MLLM, DiT, Mllm
 from .vae import Step1XVAE
 
+log = logging.getLogger("step1x_edit")
+
 DIT_WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e5m2", "bf16"]
-MLLM_DTYPES = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False), "fp32": (torch.float32, False),
-               "bf16 + fp8 weights": (torch.bfloat16, True)}
-"""Compute dtype, and whether an fp8_scaled file keeps its Linear weights in float8."""
+MLLM_DTYPES = {"bf16": (torch.bfloat16, False, False), "fp16": (torch.float16, False, False),
+               "fp32": (torch.float32, False, False), "bf16 + fp8 weights": (torch.bfloat16, True, False),
+               "bf16, quantized to fp8": (torch.bfloat16, True, True)}
+"""Compute dtype; whether an fp8_scaled file keeps its Linear weights in float8; whether a full-precision file
+has its block Linear weights quantised to float8."""
 
 
 class DiTLoader:
     DESCRIPTION = ("Loads the Step1X-Edit DiT (v1.0 step1x-edit-i1258 or v1.1 step1x-edit-v1p1-official, or an "
-                   "fp8 conversion) from models/diffusion_models. Its connector is used by the Connector node.")
+                   "fp8 conversion; or a diffusers-layout model folder such as Step1X-Edit-v1p2 or "
+                   "Step1X-Edit-v1p1-diffusers) from models/diffusion_models. The version is read from the weights. "
+                   "Its connector is used by the Connector node.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (DIT,)
@@ -28,8 +40,10 @@ class DiTLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "unet_name": (bridge.model_files("diffusion_models"), {
-                "tooltip": "The Step1X-Edit DiT file in models/diffusion_models (or models/unet)."}),
+            "unet_name": (dit_choices(), {"tooltip": (
+                "The Step1X-Edit DiT file in models/diffusion_models (or models/unet), or a diffusers-layout model "
+                "folder there (Step1X-Edit-v1p2 with transformer/, vae/, text_encoder/), or a lone transformer "
+                "folder.")}),
             "weight_dtype": (DIT_WEIGHT_DTYPES, {"default": "default", "tooltip": (
                 "How the large block weights are kept in memory. default: as stored (fp8 files stay fp8, others "
                 "in the compute dtype). fp8_e4m3fn / fp8_e5m2: about half the memory of bf16, slightly lower "
@@ -40,7 +54,7 @@ class DiTLoader:
         }}
 
     def load(self, unet_name, weight_dtype, attention):
-        path = bridge.model_path("diffusion_models", unet_name)
+        path = find(("diffusion_models",), unet_name)
         load_device, offload_device = bridge.dit_devices()
         dtype = bridge.compute_dtype(load_device)
         model = load_dit(path, device=offload_device, compute_dtype=dtype, weight_dtype=weight_dtype,
@@ -49,8 +63,10 @@ class DiTLoader:
 
 
 class MllmLoader:
-    DESCRIPTION = ("Loads the Qwen2.5-VL-7B-Instruct instruction encoder: a Hugging Face folder or a single "
-                   "ComfyUI text encoder file (qwen_2.5_vl_7b*.safetensors) from models/text_encoders.")
+    DESCRIPTION = ("Loads the Qwen2.5-VL instruction encoder: a Qwen2.5-VL-7B-Instruct folder or a single ComfyUI "
+                   "text encoder file (qwen_2.5_vl_7b*.safetensors) from models/text_encoders, or the text_encoder/ "
+                   "of a diffusers-layout model folder (Step1X-Edit-v1p2 ships its own fine-tuned Qwen2.5-VL, which "
+                   "v1.2 needs). From a model folder it also reads which encoder layout its DiT takes.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (MLLM,)
@@ -62,41 +78,61 @@ class MllmLoader:
         return {"required": {
             "mllm_name": (mllm_choices(), {"tooltip": (
                 "A Qwen2.5-VL-7B-Instruct folder (config.json + safetensors shards) or a single .safetensors file "
-                "in models/text_encoders (or models/clip). A single file uses the tokenizer ComfyUI ships.")}),
+                "in models/text_encoders (or models/clip), or a diffusers-layout model folder (its text_encoder/) "
+                "in models/text_encoders or models/diffusion_models. A single file uses the tokenizer ComfyUI "
+                "ships. For Step1X-Edit v1.2 pick the v1.2 model folder.")}),
             "dtype": (list(MLLM_DTYPES), {"default": "bf16", "tooltip": (
                 "Compute dtype. bf16 is what the official code uses; fp32 doubles the memory; fp16 may overflow. "
                 "'bf16 + fp8 weights' keeps the Linear weights of an fp8_scaled file in fp8 (about 8.3 GB instead "
-                "of 15.5 GB), dequantised layer by layer; other files load as bf16.")}),
+                "of 15.5 GB), dequantised layer by layer; other files load as bf16. 'bf16, quantized to fp8' also "
+                "stores the block weights of a bf16 checkpoint (such as the v1.2 text_encoder) in fp8.")}),
             "device": (list(bridge.TEXT_ENCODER_DEVICES), {"default": "default", "tooltip": (
                 "Where the encoder runs. default: ComfyUI's choice for text encoders (the CPU under --lowvram, "
                 "--novram and --cpu). other_gpu: a second GPU, so the DiT keeps the main one.")}),
+        }, "optional": {
+            "lm_head": ("BOOLEAN", {"default": False, "tooltip": (
+                "Keep the language-model head so the encoder can also write text: needed by the Think, Reflect "
+                "and Reason Edit nodes (Step1X-Edit v1.2). Costs about 1.1 GB more for the 7B model; off for plain "
+                "encoding.")}),
         }}
 
-    def load(self, mllm_name, dtype, device):
+    def load(self, mllm_name, dtype, device, lm_head=False):
         from ..step1x.encoder import load_text_encoder
+        from ..step1x.encoder.loader import TOKENIZER_DIRS, text_encoder_path
         from ..step1x.encoder.tokens import has_tokenizer_files
 
-        path = bridge.model_path("text_encoders", mllm_name)
-        folder = path if path.is_dir() else path.parent
-        tokenizer = None if has_tokenizer_files(folder) else bridge.default_tokenizer_dir()
+        path = find(("text_encoders", "diffusion_models"), mllm_name)
+        source = text_encoder_path(path)
+        folder = source if source.is_dir() else source.parent
+        own = has_tokenizer_files(folder) or (source.name == "text_encoder" and any(
+            has_tokenizer_files(source.parent / sub) for sub in TOKENIZER_DIRS))
+        tokenizer = None if own else bridge.default_tokenizer_dir()
         load_device, offload_device = bridge.text_encoder_devices(device)
-        compute, keep_fp8 = MLLM_DTYPES[dtype]
+        compute, keep_fp8, quantize = MLLM_DTYPES[dtype]
         encoder = load_text_encoder(path, tokenizer_dir=tokenizer, device=offload_device, dtype=compute,
-                                    keep_fp8=keep_fp8)
-        return (Mllm(bridge.manage(encoder.model, load_device, offload_device), encoder, mllm_name),)
+                                    keep_fp8=keep_fp8, quantize_fp8=quantize, generation=lm_head)
+        patcher = bridge.manage(encoder.model, load_device, offload_device)
+        return (Mllm(patcher, encoder, mllm_name, layout=learned_layout(path)),)
 
 
-def mllm_choices() -> list[str]:
-    """Hugging Face folders, and single files that are not part of such a folder."""
-    folders = bridge.hf_folders("text_encoders")
-    files = [f for f in bridge.model_files("text_encoders")
-             if f.endswith(".safetensors") and not any(f.startswith(d + "/") for d in folders)]
-    return folders + files
+def learned_layout(path) -> str | None:
+    """The encoder layout the DiT of the model folder ``path`` comes from takes, read from that DiT's weights
+    (v1.2, or v1.0/v1.1); None when the encoder is not part of a model folder with a transformer."""
+    try:
+        version = dit_version_beside(path)
+    except CheckpointError as exc:
+        log.warning("Step1X-Edit: the transformer beside %s cannot be read (%s); Instruction Encode's layout 'auto' "
+                    "will take v1.0-v1.1", path, exc)
+        return None
+    if version is None:
+        return None
+    return LAYOUT_V12 if version == "v1.2" else LAYOUT_V11
 
 
 class VaeLoader:
-    DESCRIPTION = ("Loads the FLUX VAE (Step1X-Edit's vae.safetensors or FLUX's ae.safetensors) from models/vae. "
-                   "ComfyUI's own Load VAE with ae.safetensors works in its place.")
+    DESCRIPTION = ("Loads the FLUX VAE (Step1X-Edit's vae.safetensors or FLUX's ae.safetensors) from models/vae, "
+                   "or the vae/ of a diffusers-layout model folder. ComfyUI's own Load VAE with ae.safetensors works "
+                   "in its place.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("VAE",)
@@ -106,13 +142,14 @@ class VaeLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "vae_name": (bridge.model_files("vae"), {
+            "vae_name": (vae_choices(), {
                 "tooltip": ("The 16-channel FLUX VAE in models/vae: Step1X-Edit's vae.safetensors (e.g. saved as "
-                            "step1x-edit-vae.safetensors) or FLUX's ae.safetensors.")}),
+                            "step1x-edit-vae.safetensors), FLUX's ae.safetensors or a diffusers vae folder; or the "
+                            "vae of a model folder in models/diffusion_models (Step1X-Edit-v1p2/vae).")}),
         }}
 
     def load(self, vae_name):
-        path = bridge.model_path("vae", vae_name)
+        path = find(("vae", "diffusion_models"), vae_name)
         load_device, offload_device = bridge.vae_devices()
         autoencoder = load_vae(path, device=offload_device, dtype=torch.float32, operations=bridge.operations())
         return (Step1XVAE(autoencoder, bridge.manage(autoencoder, load_device, offload_device), vae_name),)

@@ -17,7 +17,8 @@ from ..step1x.graph_io import (
 )
 from ..step1x.sampling.denoise import TextConditioning, denoise, make_noise
 from . import _comfy as bridge
-from .sockets import CATEGORY, CONDITIONING, DIT
+from .sockets import CATEGORY, CONDITIONING, DIT, LAYOUT_V12
+from .v12 import sample_v12
 from .vae import check_vae
 
 ACTIVATION_FACTOR = 16
@@ -26,7 +27,8 @@ ACTIVATION_FACTOR = 16
 
 class Sampler:
     DESCRIPTION = ("Denoises with the Step1X-Edit DiT: the official schedule, Euler steps and true CFG with the "
-                   "official renorm. Edits the reference (an IMAGE with a VAE, or a LATENT); without a reference it "
+                   "official renorm (v1.2: its reference's rules, the VAE posterior and the noise from the seed's "
+                   "generator). Edits the reference (an IMAGE with a VAE, or a LATENT); without a reference it "
                    "does text-to-image at the size of init_latent. Returns a LATENT in ComfyUI's convention, so "
                    "ComfyUI's VAE Decode with ae.safetensors decodes it.")
     CATEGORY = CATEGORY
@@ -74,6 +76,10 @@ class Sampler:
                reference_image=None, vae=None, reference_latent=None, init_latent=None, mask=None):
         check_settings(steps, cfg, renorm_threshold, denoise)
         conditioning.check_model(model)
+        if conditioning.embeds.layout == LAYOUT_V12:
+            return (sample_v12(model, conditioning, seed=seed, steps=steps, cfg=cfg, renorm_threshold=renorm_threshold,
+                               denoise_strength=denoise, batch_size=batch_size, reference_image=reference_image,
+                               vae=vae, reference_latent=reference_latent, init_latent=init_latent, mask=mask),)
         embeds, n = conditioning.embeds, batch_size
         reference, image_size = prepare_reference(embeds, reference_image, vae, reference_latent)
         init = None if init_latent is None else latent_to_model_space(check_latent(init_latent, "init_latent"))

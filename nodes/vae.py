@@ -64,6 +64,23 @@ class Step1XVAE:
         x = self.autoencoder.decode_raw(samples.to(device=device, dtype=self.dtype))
         return x.float().clamp(-1, 1).add(1).mul(0.5).movedim(1, -1).to(bridge.intermediate_device())
 
+    @torch.no_grad()
+    def sample_latent(self, pixels: torch.Tensor, generator: torch.Generator, sample: bool = True) -> torch.Tensor:
+        """v1.2's reference latent (model space) of VAE input ``pixels`` (B, 3, H, W) in [-1, 1]: a posterior
+        sample per image whose noise is the generator's next draw (see ``pipeline_v12.reference_latent``)."""
+        from ..step1x.pipeline_v12 import reference_latent
+
+        self._load(ENCODE_BYTES_PER_PIXEL * pixels.shape[0] * pixels.shape[-2] * pixels.shape[-1])
+        return reference_latent(self.autoencoder, pixels, generator, sample).float()
+
+    @torch.no_grad()
+    def decode_model_space(self, latent: torch.Tensor) -> torch.Tensor:
+        """v1.2's decode of a model-space latent: the decoder's output (B, 3, H, W) in about [-1, 1], float32."""
+        from ..step1x.sampling.v12 import decode
+
+        self._load(DECODE_BYTES_PER_LATENT_PIXEL * latent.shape[0] * latent.shape[-2] * latent.shape[-1])
+        return decode(self.autoencoder, latent).to(bridge.intermediate_device())
+
     def encode_tiled(self, pixels, *args, **kwargs):
         return self.encode(pixels)
 

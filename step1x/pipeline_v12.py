@@ -231,6 +231,24 @@ def qwen_generate(encoder, place: Callable[[], None], reasoning: ReasoningOption
 # ----------------------------------------------------------------------------------- stages on modules
 
 
+def reference_latent(vae, pixels: Tensor, generator: torch.Generator, sample: bool = True) -> Tensor:
+    """The model-space latent of VAE input ``pixels`` (B, 3, H, W) in [-1, 1] on the FLUX ``AutoEncoder``
+    ``vae``: per image, a posterior sample whose noise is the generator's next draw (v1.2's rule), or the mean
+    when ``sample`` is False (the draw is made all the same, so later draws do not move)."""
+    rows = []
+    with torch.no_grad():
+        param = next(vae.parameters())
+        for row in pixels.to(device=param.device, dtype=param.dtype).split(1):
+            if sample:
+                rows.append(v12.encode_reference(vae, row, generator))
+                continue
+            mean, _ = vae.moments(row)
+            torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype)
+            rows.append((mean - vae.shift_factor) * vae.scale_factor)
+    return torch.cat(rows)
+
+
+
 class ModuleStages:
     """:class:`V12Stages` on plain modules: the DiT, the VAE and the text encoder.
 
@@ -286,14 +304,7 @@ class ModuleStages:
 
     def encode_reference(self, pixels, generator, sample):
         self.place("vae")
-        with torch.no_grad():
-            param = next(self.vae.parameters())
-            pixels = pixels.to(device=param.device, dtype=param.dtype)
-            if sample:
-                return v12.encode_reference(self.vae, pixels, generator)
-            mean, _ = self.vae.moments(pixels)
-            torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype)
-            return (mean - self.vae.shift_factor) * self.vae.scale_factor
+        return reference_latent(self.vae, pixels, generator, sample)
 
     def denoise(self, noise, cond, uncond, reference, settings, callback):
         self.place("dit")

@@ -166,6 +166,16 @@ def expected_layout(folder: str | os.PathLike, version: str = "v1.1") -> str:
     )
 
 
+def dit_version_beside(path: str | os.PathLike) -> str | None:
+    """The version of the transformer in the model folder a text encoder comes from (``path``: the model folder
+    or its ``text_encoder/``), read from the transformer's weights; None when there is no such transformer."""
+    path = Path(path)
+    root = path.parent if path.name == TEXT_ENCODER_DIR else path
+    if not is_model_folder(root):
+        return None
+    return dit_version(root)
+
+
 def model_root(path: Path) -> Path | None:
     """The diffusers-layout model folder ``path`` is, or whose ``transformer/`` (or a file in it) it is."""
     for candidate in (path, path.parent, path.parent.parent):

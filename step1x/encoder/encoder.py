@@ -7,6 +7,7 @@ positions, input embeddings and quote mask the v1.2 DiT needs. The caller picks 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,9 @@ from .fp8 import Fp8Linear
 from .inputs import MAX_LENGTH, EncoderInputs, build_inputs
 from .inputs_v12 import MAX_LENGTH_V12, EncoderInputsV12, build_inputs_v12
 from .spec import text_config
+from .tokens import IMAGE_PAD_ID
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -199,6 +203,7 @@ class TextEncoder:
         return cond, uncond
 
     def _conditioning_v12(self, inputs: EncoderInputsV12, out_dtype: torch.dtype) -> TextConditioning:
+        _warn_if_cut(inputs)
         embeds, hidden = self.forward_v12(inputs)
         start, stop = inputs.kept
         device = hidden.device
@@ -209,6 +214,21 @@ class TextEncoder:
             text_embeds=embeds[start:stop].to(out_dtype).unsqueeze(0),
             text_mask=inputs.text_mask[:, start:stop].to(device),
         )
+
+
+def _warn_if_cut(inputs: EncoderInputsV12) -> None:
+    """The v1.2 reference keeps at most 2048 tokens after its preamble; the image follows the instruction, so a
+    long instruction loses image tokens first. Kept as the reference does, but said."""
+    start, stop = inputs.kept
+    total = inputs.input_ids.shape[1]
+    if stop >= total:
+        return
+    lost = int((inputs.input_ids[0, stop:] == IMAGE_PAD_ID).sum())
+    log.warning(
+        "the v1.2 prompt has %d tokens after its preamble; the DiT gets the first %d (as the v1.2 reference), so "
+        "%d of the %d image tokens and the end of the prompt are left out. Shorten the instruction to keep the image.",
+        total - start, stop - start, lost, inputs.num_image_tokens,
+    )
 
 
 def _multimodal_base(model: nn.Module) -> nn.Module | None:

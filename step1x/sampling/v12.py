@@ -68,7 +68,13 @@ def vae_input(image: Image.Image, size: tuple[int, int]) -> Tensor:
     """The VAE's input for ``image`` at ``size`` (width, height): the original RGB image in [0, 1] resized
     with bilinear antialiasing (``F.interpolate``), then mapped to [-1, 1]; (1, 3, H, W) float32."""
     pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).float().permute(2, 0, 1)[None] / 255.0
-    pixels = F.interpolate(pixels, (size[1], size[0]), mode="bilinear", antialias=True)
+    return vae_input_pixels(pixels, size)
+
+
+def vae_input_pixels(pixels: Tensor, size: tuple[int, int]) -> Tensor:
+    """:func:`vae_input` of images already in [0, 1] as (B, 3, H, W) float32 (a ComfyUI IMAGE moved to
+    channels first); (B, 3, h, w) in [-1, 1]."""
+    pixels = F.interpolate(pixels.float(), (size[1], size[0]), mode="bilinear", antialias=True)
     return pixels * 2 - 1
 
 
