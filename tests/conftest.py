@@ -103,6 +103,31 @@ def tiny_models(tmp_path_factory) -> Path:
     return root / "models"
 
 
+@pytest.fixture(scope="session")
+def tiny_v12_folder(tmp_path_factory) -> Path:
+    """A tiny Step1X-Edit v1.2 model folder in the released diffusers layout (sharded transformer/ with its
+    index, vae/, text_encoder/ with a tied LM head and its generation config, processor/), built with the real
+    tokenizer when STEP1X_QWEN_TOKENIZER is set, else the stand-in."""
+    from step1x.checkpoints.model_files import MODEL_FOLDERS
+    from step1x.tiny import build_tiny_model_folder
+
+    root = tmp_path_factory.mktemp("v12-folder")
+    tokenizer = tokenizer_for_tests(root)
+    return build_tiny_model_folder(root / MODEL_FOLDERS["v1.2"][1], tokenizer, version="v1.2")
+
+
+@pytest.fixture(scope="session")
+def tiny_v11_diffusers_folder(tmp_path_factory) -> Path:
+    """The tiny v1.1 model set of ``tiny_models`` (same seeds) as a Step1X-Edit-v1p1-diffusers model folder."""
+    from step1x.checkpoints.model_files import MODEL_FOLDERS
+    from step1x.tiny import build_tiny_model_folder
+    from step1x.tiny_tokenizer import write_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("v11-diffusers-folder")
+    return build_tiny_model_folder(root / MODEL_FOLDERS["v1.1-diffusers"][1], write_tiny_tokenizer(root / "tokenizer"),
+                                   version="v1.1")
+
+
 # ---------------------------------------------------------------- encoder: image processor, tiny Qwen2.5-VL
 
 
