@@ -21,6 +21,9 @@ SEED = ("INT", {"default": 0, "min": 0, "max": 0xFFFF_FFFF_FFFF_FFFF, "control_a
 MAX_NEW_TOKENS = ("INT", {"default": 128, "min": 1, "max": 4096, "tooltip": (
     "New tokens per reply at most. 128 is what the v1.2 reference generates (it names larger budgets but its "
     "client ignores them).")})
+RETRIES = ("INT", {"default": 20, "min": 1, "max": 100, "tooltip": (
+    "Attempts per reflection step before its fallback (20 in the reference): a reply that never closes its tags is "
+    "asked again up to this many times, then the try counts as failed (or scores 0).")})
 LM_HEAD_FIX = " (Step1X-Edit MLLM Loader: choose the v1.2 model folder and turn lm_head on)"
 
 
@@ -110,9 +113,7 @@ class Reflect:
             },
             "optional": {
                 "max_new_tokens": MAX_NEW_TOKENS,
-                "retries": ("INT", {"default": 20, "min": 1, "max": 100, "tooltip": (
-                    "Attempts per step before its fallback (20 in the reference): a reply that never closes its tags "
-                    "is asked again up to this many times.")}),
+                "retries": RETRIES,
             },
         }
 
@@ -169,11 +170,12 @@ class ReasonEdit:
                     "The v1.2 reference compares its 0-1000 timestep with this, so 0.93 renormalises the guidance at "
                     "every step; 1.0 as well.")}),
                 "max_new_tokens": MAX_NEW_TOKENS,
+                "retries": RETRIES,
             },
         }
 
     def edit(self, model, mllm, vae, image, instruction, think, reflect, max_tries, seed, steps, cfg, size_level,
-             renorm_threshold=0.93, max_new_tokens=128):
+             renorm_threshold=0.93, max_new_tokens=128, retries=20):
         from ..step1x.graph_io import check_settings
 
         check_settings(steps, cfg, renorm_threshold, 1.0)
@@ -182,7 +184,8 @@ class ReasonEdit:
                              "Step1X-Edit-v1p2 model folder in the DiT loader")
         _check_mllm(mllm)
         source = _one_image(image, "Reason Edit")
-        reasoning = ReasoningOptions(think=think, reflect=reflect, max_tries=max_tries, max_new_tokens=max_new_tokens)
+        reasoning = ReasoningOptions(think=think, reflect=reflect, max_tries=max_tries, max_new_tokens=max_new_tokens,
+                                     retries=retries)
         reasoning.validate()
         stages = ComfyStages(model, vae, mllm)
         generate = _generate(mllm, seed, max_new_tokens, stages) if reasoning.uses_model else None
