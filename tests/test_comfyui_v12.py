@@ -316,6 +316,17 @@ def test_cancel_stops_a_reasoning_edit_between_tokens(server, info):
     assert server.run(plain(info, **{"7__seed": 3}))["status"]["status_str"] == "success"
 
 
+def test_a_workflow_saved_before_the_v12_inputs_still_runs(server):
+    """API prompts saved without Instruction Encode's layout and the MLLM loader's lm_head (layout auto, no head)."""
+    prompt = json.loads((WORKFLOWS / "step1x_edit_api.json").read_text(encoding="utf-8"))
+    prompt["2"]["inputs"].pop("lm_head")
+    prompt["5"]["inputs"].pop("layout")
+    prompt["1"]["inputs"]["unet_name"] = prompt["2"]["inputs"]["mllm_name"] = V12
+    prompt["3"]["inputs"]["vae_name"] = f"{V12}/vae"
+    prompt["5"]["inputs"]["size_level"], prompt["7"]["inputs"]["steps"] = FAST["size_level"], FAST["steps"]
+    assert server.run(prompt)["status"]["status_str"] == "success"
+
+
 # ------------------------------------------------------------------------------------------- bad inputs
 
 
