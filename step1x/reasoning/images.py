@@ -3,16 +3,17 @@
 The reference sends each image as a PNG data URL: RGB, shrunk with PIL ``thumbnail`` to at most 1024 pixels
 on the long side, PNG-encoded (lossless, so the round trip is skipped here). ``qwen_vl_utils.fetch_image``
 then rounds the sides to multiples of 28 (the instruction encoder's ``fetch_image``), and the thinker's own
-image processor resizes once more with 512² ≤ pixels ≤ 1024·28² (up to 1024 image tokens per image).
+image processor (transformers' torchvision one in the reference, whose numerics the v1.2 encoder's torch image
+path reproduces) resizes once more with 512² ≤ pixels ≤ 1024·28² (up to 1024 image tokens per image).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ..encoder.image_chain import ResizeRule, check_aspect, fetch_image, make_image_processor, smart_size
+from ..encoder.image_v12 import pixel_inputs_v12
 from ..image_io import to_rgb
 
 THUMBNAIL_MAX_SIDE = 1024
@@ -56,18 +57,19 @@ def processor_size(image_processor, image: Image.Image) -> tuple[int, int]:
 
 
 def pixel_inputs(image_processor, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pixel_values [patches, C·T·P·P] float32, image_grid_thw [n, 3] int64) of prepared images, in order."""
-    patch = image_processor.patch_size
-    expected = []
+    """(pixel_values [patches, C·T·P·P] float32, image_grid_thw [n, 3] int64) of prepared images, in order.
+
+    The reference's thinker processor is transformers' torchvision ("fast") Qwen2-VL processor; its numerics
+    (uint8 antialiased bicubic resize, fused normalisation) are computed here by the v1.2 encoder's torch image
+    path, with the thinker's pixel bounds. ``image_processor`` gives the patch sizes."""
+    values, grids = [], []
     for image in images:
-        width, height = processor_size(image_processor, image)
-        expected.append([1, height // patch, width // patch])
-    out = image_processor(images=list(images), return_tensors="np")
-    pixel_values = torch.from_numpy(np.ascontiguousarray(out["pixel_values"], dtype=np.float32))
-    grid = torch.from_numpy(np.asarray(out["image_grid_thw"], dtype=np.int64)).reshape(-1, 3)
-    if grid.tolist() != expected:
-        raise RuntimeError(
-            f"the image processor made patch grids {grid.tolist()}; expected {expected}. Check the installed "
-            "transformers version."
+        processor_size(image_processor, image)
+        v, g = pixel_inputs_v12(
+            image, patch_size=image_processor.patch_size, merge_size=image_processor.merge_size,
+            temporal_patch_size=image_processor.temporal_patch_size, min_pixels=THINKER_MIN_PIXELS,
+            max_pixels=THINKER_MAX_PIXELS,
         )
-    return pixel_values, grid
+        values.append(v)
+        grids.append(g)
+    return torch.cat(values), torch.cat(grids)
