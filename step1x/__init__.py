@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Step1XPipeline": "pipeline",
     "EditOptions": "pipeline",
+    "ReasoningOptions": "pipeline_v12",
     "Step1XEdit": "models.model",
     "AutoEncoder": "models.autoencoder",
     "DiTParams": "models.configs",
