@@ -134,7 +134,7 @@ class ReasonEdit:
     CATEGORY = CATEGORY
     FUNCTION = "edit"
     RETURN_TYPES = ("IMAGE", "IMAGE", "STRING")
-    RETURN_NAMES = ("image", "tries", "reasoning")
+    RETURN_NAMES = ("IMAGE", "tries", "reasoning")
     OUTPUT_TOOLTIPS = ("The chosen edit, at the input size.", "Every try's edit, in order, as a batch.",
                        "The rewritten instruction, each try's reflection and scores, and the pick.")
 
