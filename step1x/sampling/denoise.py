@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,6 +37,22 @@ def get_schedule(num_steps: int, image_seq_len: int, shift: bool = True) -> list
         mu = slope * image_seq_len + (y1 - slope * x1)
         t = math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)
     return t.tolist()
+
+
+def diffusers_schedule(num_steps: int, image_seq_len: int) -> list[float]:
+    """The same shifted schedule as computed by the diffusers pipelines (FlowMatchEulerDiscreteScheduler with
+    FLUX.1-dev's dynamic shift, used by the v1.1 diffusers pipeline and RegionE): ``linspace(1, 1/n, n)`` in
+    float64, rounded to float32 and shifted in float32, then 0 appended. It equals :func:`get_schedule` up to
+    one float32 rounding step on some entries; pass it as ``timesteps`` to reproduce those pipelines."""
+    if num_steps < 1:
+        raise ValueError(f"steps must be at least 1, got {num_steps}")
+    (x1, y1), (x2, y2) = SHIFT_BASE, SHIFT_MAX
+    slope = (y2 - y1) / (x2 - x1)
+    mu = image_seq_len * slope + (y1 - slope * x1)
+    sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
+    shift = np.float32(math.exp(mu))
+    sigmas = shift / (shift + (np.float32(1) / sigmas - np.float32(1)))
+    return [float(s) for s in sigmas.astype(np.float32)] + [0.0]
 
 
 def start_index(num_steps: int, strength: float) -> int:
@@ -195,6 +212,7 @@ def denoise(
     timesteps: list[float] | None = None,
     teacache: float = 0.0,
     callback: Callable[[StepInfo], None] | None = None,
+    regione=None,
 ) -> Tensor:
     """Sample latents (B, 16, h, w) in model space, returned as float32.
 
@@ -210,7 +228,21 @@ def denoise(
     * ``teacache`` > 0 skips the transformer blocks on steps whose input barely changed (the official
       TeaCache; 0.2 is the official default threshold; results differ from a full run).
     * ``callback`` runs after every step; raising from it stops sampling (cancel).
+    * ``regione`` (a :class:`~step1x.sampling.regione_rules.RegionEConfig`): sample with RegionE, which computes
+      only the edited region after a few full steps (see :mod:`step1x.sampling.regione`); not with TeaCache.
     """
+    if regione is not None:
+        if teacache:
+            raise ValueError("RegionE and TeaCache both skip DiT work per step and cannot be combined; "
+                             "turn one of them off")
+        from .regione import regione_denoise
+
+        return regione_denoise(
+            model, noise, cond, uncond, config=regione, reference=reference, steps=steps, cfg_scale=cfg_scale,
+            renorm_threshold=renorm_threshold, strength=strength, init_latent=init_latent, keep_mask=keep_mask,
+            compute_dtype=compute_dtype, device=device, connector=connector, sequential_cfg=sequential_cfg,
+            timesteps=timesteps, callback=callback,
+        )
     device = device or noise.device
     batch, channels, h, w = noise.shape
     if channels != LATENT_CHANNELS:
