@@ -5,6 +5,7 @@ from .conditioning import Connector, InstructionEncode
 from .image import Resize, RestoreSize, VaeDecode, VaeEncode
 from .loaders import DiTLoader, MllmLoader, VaeLoader
 from .lora import LoraLoader
+from .regione import RegionE
 from .sampler import Sampler
 from .teacache import TeaCache
 
@@ -17,6 +18,7 @@ NODE_CONFIG = {
     "Step1XEditConnector": {"class": Connector, "name": "Step1X-Edit Connector"},
     "Step1XEditSampler": {"class": Sampler, "name": "Step1X-Edit Sampler"},
     "Step1XEditTeaCache": {"class": TeaCache, "name": "Step1X-Edit TeaCache"},
+    "Step1XEditRegionE": {"class": RegionE, "name": "Step1X-Edit RegionE"},
     "Step1XEditVAEDecode": {"class": VaeDecode, "name": "Step1X-Edit VAE Decode"},
     "Step1XEditVAEEncode": {"class": VaeEncode, "name": "Step1X-Edit VAE Encode"},
     "Step1XEditResize": {"class": Resize, "name": "Step1X-Edit Resize (size_level)"},

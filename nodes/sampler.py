@@ -150,6 +150,9 @@ def run(dit, connector, noise, cond, uncond, *, reference, init, keep, steps, cf
     params = dit.model.params
     tokens = 640 + noise.shape[-2] * noise.shape[-1] // 4 * (1 if reference is None else 2)
     memory = 2 * noise.shape[0] * tokens * params.hidden_size * dit.compute_dtype.itemsize * ACTIVATION_FACTOR
+    if dit.regione is not None:  # RegionE keeps keys and values of every attention layer (one row at a time)
+        memory += 2 * 2 * tokens * params.hidden_size * dit.compute_dtype.itemsize * (params.depth +
+                                                                                  params.depth_single_blocks)
     bridge.load([dit.patcher], memory_required=memory)
     device = dit.patcher.load_device
     progress = bridge.Progress(steps, device)
@@ -158,6 +161,6 @@ def run(dit, connector, noise, cond, uncond, *, reference, init, keep, steps, cf
             dit.model, noise, cond, uncond, reference=reference, steps=steps, cfg_scale=cfg,
             renorm_threshold=renorm_threshold, strength=strength, init_latent=init, keep_mask=keep,
             compute_dtype=dit.compute_dtype, device=device, connector=connector, teacache=dit.teacache,
-            callback=progress,
+            regione=dit.regione, callback=progress,
         )
     return latent_from_model_space(latent).to(bridge.intermediate_device())

@@ -28,4 +28,7 @@ class TeaCache:
         }}
 
     def apply(self, model, threshold):
+        if threshold and model.regione is not None:
+            raise ValueError("this model already has RegionE; TeaCache and RegionE both skip DiT work per step and "
+                             "cannot be combined: remove one of the two nodes")
         return (replace(model, teacache=float(threshold)),)
