@@ -22,6 +22,7 @@ from .jobs import JobError, edit_jobs, prepare_output_dir, read_prompts, single_
 from .models.attention import AttentionBackendError, select_backend
 from .models.model import Step1XEdit
 from .pipeline import EditOptions, Step1XPipeline, default_device, find_models
+from .sampling.regione_rules import RegionEConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -51,6 +52,10 @@ def options_from(args: Namespace) -> EditOptions:
         resize_filter=args.resize_filter, restore_size=not args.no_restore_size, sequential_cfg=args.sequential_cfg,
         teacache=args.teacache,
     )
+    if args.regione is not None:
+        if args.t2i:
+            raise UsageError("--regione speeds up edits of an input image; drop it for --t2i")
+        options.regione = RegionEConfig(threshold=args.regione)
     options.validate()
     if options.size_level < 16:
         raise UsageError(f"--size-level {options.size_level} is too small; use at least 16 (512 or 1024 are typical)")

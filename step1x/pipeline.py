@@ -25,6 +25,7 @@ from .models.autoencoder import AutoEncoder
 from .models.configs import T2I_NEGATIVE_PROMPT
 from .models.model import Step1XEdit
 from .sampling.denoise import StepInfo, TextConditioning, autocast_for, denoise, make_noise
+from .sampling.regione_rules import RegionEConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class EditOptions:
     sequential_cfg: bool = False
     teacache: float = 0.0
     """TeaCache threshold (0: off; 0.2: the official default). Faster, slightly different results."""
+    regione: RegionEConfig | None = None
+    """RegionE settings (None: off): after the warm-up only the edited region is computed. Edits only."""
 
     def validate(self) -> None:
         check_sampling(self.steps, self.cfg_scale, self.renorm_threshold)
@@ -57,6 +60,8 @@ class EditOptions:
             raise ValueError(f"strength must be within [0, 1], got {self.strength}")
         if not self.teacache >= 0:
             raise ValueError(f"teacache threshold must be 0 (off) or positive, got {self.teacache}")
+        if self.regione is not None and self.teacache:
+            raise ValueError("RegionE and TeaCache both skip DiT work per step and cannot be combined; turn one off")
 
 
 @dataclass
@@ -240,7 +245,7 @@ class Step1XPipeline:
                     dit, make_noise(tuple(shape), options.seed), cond, uncond, reference=reference,
                     steps=options.steps, cfg_scale=options.cfg_scale, renorm_threshold=options.renorm_threshold,
                     strength=options.strength, compute_dtype=self.compute_dtype, device=self.device,
-                    sequential_cfg=options.sequential_cfg, teacache=options.teacache,
+                    sequential_cfg=options.sequential_cfg, teacache=options.teacache, regione=options.regione,
                     callback=callback,
                 )
         finally:
