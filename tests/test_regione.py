@@ -322,3 +322,20 @@ def test_denoise_with_regione_is_regione_denoise(tiny_dit, tiny_text):
     noise, reference = constructed_edit()
     a = _plain(tiny_dit, tiny_text, noise, reference, steps=8, regione=RegionEConfig())
     assert torch.equal(a, _regione(tiny_dit, tiny_text, noise, reference, steps=8))
+
+
+def test_v12_conditioning_is_refused_for_now(tiny_dit, tiny_text):
+    noise, reference = constructed_edit()
+    cond, uncond = tiny_text
+    v12 = TextConditioning(cond.llm_embedding, cond.mask, txt_ids=torch.zeros(1, 24, 3))
+    with pytest.raises(ValueError, match="v1.0 and v1.1 for now"):
+        _regione(tiny_dit, (v12, uncond), noise, reference)
+
+
+def test_without_cfg_one_pass_runs(tiny_dit, tiny_text):
+    noise, reference = constructed_edit()
+    trace = RegionETrace()
+    with torch.no_grad():
+        out = regione_denoise(tiny_dit, noise, tiny_text[0], None, reference=reference, steps=10, trace=trace, **F32)
+    assert "region" in trace.rows[0].kinds and trace.plain_token_evals == 10 * (24 + 2 * 192)
+    assert torch.isfinite(out).all()

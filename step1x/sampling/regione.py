@@ -146,7 +146,8 @@ class _Pass:
 
 
 class _Row:
-    """The DiT side of one batch row: its passes, the reference tokens and the position ids."""
+    """The DiT side of one batch row: its passes, the reference tokens and the position ids. (v1.2 will run
+    each CFG side as its own pass, with its own text length and text positions.)"""
 
     def __init__(self, model, connector: Connector, sides: list[TextConditioning], reference: Tensor,
                  grid: tuple[int, int], sequential: bool, dtype: torch.dtype, device: torch.device):
@@ -243,6 +244,8 @@ def regione_denoise(
     if reference is None:
         raise ValueError("RegionE edits a reference image (it finds the region that changes by comparing with it); "
                          "for text-to-image turn RegionE off")
+    if _decay_version(model) == "v1.2" or cond.txt_ids is not None:
+        raise ValueError("RegionE supports Step1X-Edit v1.0 and v1.1 for now; sample v1.2 without RegionE")
     if config.region == "mask" and keep_mask is None:
         raise ValueError('RegionE region "mask" takes the edited region from a mask: give a mask, or use region '
                          '"similarity"')
@@ -270,7 +273,7 @@ def regione_denoise(
     sigmas = torch.tensor(timesteps, dtype=torch.float32)
     n = len(timesteps) - 1
     plan = plan_steps(config, n)
-    exact = n == REFERENCE_STEPS
+    exact = n == REFERENCE_STEPS and timesteps[0] == 1.0  # the table indexes the steps of a 28-step run from noise
     reference_sigmas = None if exact else torch.tensor(get_schedule(REFERENCE_STEPS, n_tokens), dtype=torch.float32)
     ratios = DecayRatios(decay_table(_decay_version(model)), sigmas, reference_sigmas)
     sides = [cond.expand(batch)] + ([uncond.expand(batch)] if uncond is not None else [])
