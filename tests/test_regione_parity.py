@@ -1,9 +1,10 @@
 """RegionE reproduces the reference run on the tiny v1.1 DiT (fp32, 28 steps, the reference defaults).
 
-The reference ran on the diffusers v1.1 pipeline, whose renorm compares 0-1000 timesteps with 0.93 (always on:
-``renorm_threshold=0`` here) and whose schedule is :func:`diffusers_schedule`. Decisions must be identical; tensors
-agree within 1e-5, velocities within 2e-5: a velocity is ``uncond + 6 * (cond - uncond) / renorm``, which scales
-up the 4e-6 by which the official and the diffusers DiT forwards differ on the same weights."""
+The reference ran on the diffusers v1.1 pipeline, whose renorm compares 0-1000 timesteps with 0.93 (always
+on: ``renorm_threshold=0`` here) and whose scheduler computes the sigmas in numpy float32 (passed as
+``timesteps``). Decisions must be identical; tensors agree within 1e-5, velocities within 2e-5: a velocity is
+``uncond + 6 * (cond - uncond) / renorm``, which scales up the 4e-6 by which the official and the diffusers
+DiT forwards differ on the same weights."""
 
 import json
 
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from step1x.checkpoints.loading import load_dit
-from step1x.sampling.denoise import TextConditioning, denoise, diffusers_schedule, get_schedule, pack, unpack
+from step1x.sampling.denoise import TextConditioning, denoise, get_schedule, pack, unpack
 from step1x.sampling.regione import RegionETrace, regione_denoise
 from step1x.sampling.regione_rules import decay_table, timesteps_1000
 
@@ -40,7 +41,7 @@ def _sample(case, sampler, **kwargs):
     with torch.no_grad():
         return sampler(model, unpack(io["in.noise_packed"], 32, 32), cond, uncond, reference=io["in.ref_latent"],
                        renorm_threshold=0.0, compute_dtype=torch.float32,
-                       timesteps=diffusers_schedule(28, 256), **kwargs)
+                       timesteps=io["sched.sigmas"].tolist(), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +51,11 @@ def run(case):
     return latent, trace.rows[0], trace
 
 
-def test_the_schedule_is_the_reference_schedule(regione_dir):
+def test_the_schedule_is_the_samplers_schedule_and_the_decision_times_are_the_references(regione_dir):
     io = load_file(regione_dir / "regione_main.safetensors")
-    sigmas = torch.tensor(diffusers_schedule(28, 256))
-    assert torch.equal(sigmas, io["sched.sigmas"])
-    assert torch.equal(timesteps_1000(sigmas), io["sched.timesteps"])
-    assert (sigmas - torch.tensor(get_schedule(28, 256))).abs().max() <= 6e-8  # one float32 rounding at most
+    assert torch.equal(io["sched.sigmas"], io["plain.sigmas"])
+    assert (io["sched.sigmas"] - torch.tensor(get_schedule(28, 256))).abs().max() <= 6e-8  # one float32 rounding
+    assert torch.equal(timesteps_1000(io["sched.sigmas"]), io["sched.timesteps"])
 
 
 def test_the_decay_tables_are_the_reference_tables(regione_dir):

@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -37,22 +36,6 @@ def get_schedule(num_steps: int, image_seq_len: int, shift: bool = True) -> list
         mu = slope * image_seq_len + (y1 - slope * x1)
         t = math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)
     return t.tolist()
-
-
-def diffusers_schedule(num_steps: int, image_seq_len: int) -> list[float]:
-    """The same shifted schedule as computed by the diffusers pipelines (FlowMatchEulerDiscreteScheduler with
-    FLUX.1-dev's dynamic shift, used by the v1.1 diffusers pipeline and RegionE): ``linspace(1, 1/n, n)`` in
-    float64, rounded to float32 and shifted in float32, then 0 appended. It equals :func:`get_schedule` up to
-    one float32 rounding step on some entries; pass it as ``timesteps`` to reproduce those pipelines."""
-    if num_steps < 1:
-        raise ValueError(f"steps must be at least 1, got {num_steps}")
-    (x1, y1), (x2, y2) = SHIFT_BASE, SHIFT_MAX
-    slope = (y2 - y1) / (x2 - x1)
-    mu = image_seq_len * slope + (y1 - slope * x1)
-    sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
-    shift = np.float32(math.exp(mu))
-    sigmas = shift / (shift + (np.float32(1) / sigmas - np.float32(1)))
-    return [float(s) for s in sigmas.astype(np.float32)] + [0.0]
 
 
 def start_index(num_steps: int, strength: float) -> int:

@@ -31,10 +31,10 @@ from .denoise import (
     _batch,
     autocast_for,
     get_schedule,
-    guidance,
     pack,
     position_ids,
     reference_id_base,
+    renorm_divisor,
     start_index,
     unpack,
 )
@@ -244,7 +244,7 @@ def regione_denoise(
     if reference is None:
         raise ValueError("RegionE edits a reference image (it finds the region that changes by comparing with it); "
                          "for text-to-image turn RegionE off")
-    if _decay_version(model) == "v1.2" or cond.txt_ids is not None:
+    if _decay_version(model) == "v1.2" or isinstance(cond, (list, tuple)) or cond.txt_ids is not None:
         raise ValueError("RegionE supports Step1X-Edit v1.0 and v1.1 for now; sample v1.2 without RegionE")
     if config.region == "mask" and keep_mask is None:
         raise ValueError('RegionE region "mask" takes the edited region from a mask: give a mask, or use region '
@@ -364,7 +364,7 @@ def _sample_row(row: _Row, x: Tensor, sigmas: Tensor, plan: StepPlan, ratios: De
         if decision.compute:
             pred, step.token_evals, step.kv = row.forward(current, t_curr, fill=kind in ("partition", "refresh"),
                                                  edited=part.edited if region else None)
-            v = pred[:1] if row.n_sides == 1 else guidance(pred[:1], pred[1:], cfg_scale, t_curr, renorm_threshold)
+            v = pred[:1] if row.n_sides == 1 else _guidance(pred[:1], pred[1:], cfg_scale, t_curr > renorm_threshold)
             velocity_cache, cache_step = v, i
         else:
             if velocity_cache.shape[1] != current.shape[1]:
@@ -419,6 +419,15 @@ def _sample_row(row: _Row, x: Tensor, sigmas: Tensor, plan: StepPlan, ratios: De
             full = x if x is not None else _scatter(edited_x, frozen, part, n_tokens)
             progress(i, t_curr, t_next, full, estimate, part.edited if region else None)
     return x
+
+
+def _guidance(cond: Tensor, uncond: Tensor, scale: float, renorm: bool) -> Tensor:
+    """True CFG of the plain sampler, per token: the difference divided by ``max(||diff||, 1) ** 0.4`` while
+    ``renorm`` (the official rule: ``t > renorm_threshold``)."""
+    diff = cond - uncond
+    if renorm:
+        return uncond + scale * diff / renorm_divisor(torch.norm(diff, dim=2, keepdim=True), k=0.4)
+    return uncond + scale * diff
 
 
 def _euler(x: Tensor, v: Tensor, s: Tensor, s_next: Tensor) -> Tensor:
