@@ -81,7 +81,8 @@ class StepRecord:
 @dataclass
 class RowTrace:
     """What happened in one row: the plan, the partition, the steps, the frozen unedited tokens after each
-    jump, and K/V snapshots (row 0 of the first double and single block's key cache) at the steps asked."""
+    jump (with ``tensors``), and K/V snapshots (row 0 of the first double and single block's key cache) at the
+    steps asked."""
 
     plan: StepPlan
     estimate: Tensor | None = None
@@ -403,7 +404,8 @@ def _sample_row(row: _Row, x: Tensor, sigmas: Tensor, plan: StepPlan, ratios: De
 
         if kind in ("partition", "refresh"):
             edited_x, frozen, x = after[:, part.edited], after[:, part.unedited], None
-            record.frozen[i] = frozen.float().clone()
+            if keep_all:
+                record.frozen[i] = frozen.float().clone()
             region_after = True
         elif region:
             edited_x = after
@@ -412,9 +414,7 @@ def _sample_row(row: _Row, x: Tensor, sigmas: Tensor, plan: StepPlan, ratios: De
             x = after
             region_after = False
         if region_after and (i + 1 == plan.post or i + 1 in plan.refresh):
-            x = torch.empty(1, n_tokens, after.shape[-1], dtype=after.dtype, device=after.device)
-            x[:, part.edited], x[:, part.unedited] = edited_x, frozen
-            edited_x = None
+            x, edited_x = _scatter(edited_x, frozen, part, n_tokens), None
         if progress is not None:
             full = x if x is not None else _scatter(edited_x, frozen, part, n_tokens)
             progress(i, t_curr, t_next, full, estimate, part.edited if region else None)
