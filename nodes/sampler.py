@@ -48,8 +48,9 @@ class Sampler:
                 "renorm_threshold": ("FLOAT", {"default": 0.93, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
                     "While the time is above this, the guidance difference is renormalised (official: 0.93; 1.0 "
                     "turns it off, as in the first release).")}),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": (
-                    "1.0 starts from noise. Lower values start from init_latent (or the reference) and change less.")}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                    "1.0 starts from noise. Lower values start from init_latent (or the reference) and change less; "
+                    "0 returns that start point unchanged, as ComfyUI's KSampler does.")}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": (
                     "Results per reference image. The whole batch's noise comes from the one seed, as in ComfyUI's "
                     "samplers.")}),
