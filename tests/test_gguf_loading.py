@@ -3,6 +3,7 @@ the true size) and everything else in the compute dtype; the version is read as 
 model samples close to fp32; LoRA, TeaCache and the attention backends act on a GGUF model as on the same
 weights dequantised."""
 
+import json
 from dataclasses import replace
 
 import gguf
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from step1x.checkpoints.gguf_convert import planned_sizes, save_gguf
+from step1x.checkpoints.gguf_convert import Planned, planned_sizes, save_gguf, write_gguf
 from step1x.checkpoints.gguf_file import read_gguf
 from step1x.checkpoints.loading import inspect_dit, load_dit
 from step1x.checkpoints.lora import apply_lora, load_lora, merge_lora
@@ -234,3 +235,42 @@ def test_the_quantised_linear_is_a_plain_cast_linear_until_it_holds_quantised_by
     layer = QuantizedLinear(8, 4)
     x = torch.randn(2, 8)
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------- files from other tools
+
+
+def test_a_file_with_the_connector_and_embedders_quantised_too_loads_them_dense(tmp_path, reference):
+    """ComfyUI-GGUF's llama.cpp route also quantises the connector; such tensors are dequantised at load."""
+    def kind(value):
+        return "Q8_0" if value.ndim == 2 and value.numel() > 1024 and value.shape[-1] % 32 == 0 else "F32"
+
+    state = reference.state_dict()
+    planned = [Planned(k, tuple(v.shape), kind(v), lambda v=v: v) for k, v in state.items()]
+    path = write_gguf(tmp_path / "all-Q8_0.gguf", planned, file_type="Q8_0",
+                      metadata={"step1x.config": json.dumps(WIDE.to_dict())}).path
+    assert read_gguf(path).tensors["connector.S.individual_token_refiner.blocks.0.mlp.fc2.weight"].qtype.name == "Q8_0"
+    model = load_dit(path, compute_dtype=torch.float32)
+    fc2 = model.connector.S.individual_token_refiner.blocks[0].mlp.fc2
+    assert not is_quantized(fc2) and fc2.weight.dtype == torch.float32
+    original = state["connector.S.individual_token_refiner.blocks.0.mlp.fc2.weight"]
+    assert 0 < (fc2.weight - original).abs().max() <= original.abs().max() / 127
+    assert is_quantized(model.double_blocks[0].img_mlp[0])
+
+
+def test_a_tensor_stored_reshaped_takes_its_comfy_gguf_orig_shape(tmp_path, reference):
+    state = reference.state_dict()
+    writer = gguf.GGUFWriter(str(tmp_path / "reshaped.gguf"), "flux")
+    writer.add_string("step1x.config", json.dumps(WIDE.to_dict()))
+    for key, value in state.items():
+        data = value.numpy()
+        if key == "img_in.weight":
+            writer.add_array("comfy.gguf.orig_shape.img_in.weight", list(data.shape))
+            data = data.reshape(-1, 256)
+        writer.add_tensor(key, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model = load_dit(tmp_path / "reshaped.gguf", compute_dtype=torch.float32)
+    assert torch.equal(model.img_in.weight, state["img_in.weight"])
