@@ -4,7 +4,7 @@ write for FLUX-style models: architecture "flux", the official key names, torch 
 Which tensor gets which type (:func:`planned_type`):
 
 - the Linear weights of the 19 double and 38 single blocks (``img_attn.qkv``, ``img_attn.proj``, ``img_mlp``,
-  ``img_mod.lin`` and their ``txt_`` twins, ``linear1``, ``linear2``, ``modulation.lin``: 99% of the weights)
+  ``img_mod.lin`` and their ``txt_`` twins, ``linear1``, ``linear2``, ``modulation.lin``: 95% of the weights)
   get the chosen type; a matrix whose rows are not a whole number of blocks falls back to F16, as
   ComfyUI-GGUF does (none in the released model);
 - 1-D tensors (biases, norm scales) and tensors of at most 1,024 values stay F32, as ComfyUI-GGUF keeps them;
