@@ -107,8 +107,7 @@ def _quantize_parser(sub) -> None:
     p.add_argument("input", help="the Step1X-Edit DiT .safetensors (bf16, fp16, fp32 or fp8)")
     p.add_argument("output", help="the .gguf file to write (written to a temporary file, renamed when complete)")
     p.add_argument("--type", choices=CONVERT_TYPES, default="Q8_0", dest="qtype",
-                   help="storage of the block weights (Q8_0: near-lossless, about 12.8 GiB resident; Q4_1/Q4_0: about "
-                        "8 GiB)")
+                   help="storage of the block weights (resident DiT: Q8_0 12.8 GiB, Q5_1 9.4, Q4_1 8.0, Q4_0 7.3)")
     p.add_argument("--force", action="store_true", help="replace the output if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
