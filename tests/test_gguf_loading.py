@@ -274,3 +274,11 @@ def test_a_tensor_stored_reshaped_takes_its_comfy_gguf_orig_shape(tmp_path, refe
     writer.close()
     model = load_dit(tmp_path / "reshaped.gguf", compute_dtype=torch.float32)
     assert torch.equal(model.img_in.weight, state["img_in.weight"])
+
+
+def test_the_dequantisation_workspace_is_the_largest_quantised_layer_in_float32_plus_the_compute_dtype(files):
+    from step1x.models.quantized import dequant_workspace_bytes
+
+    model = load_dit(files["Q8_0"], compute_dtype=torch.bfloat16)
+    assert dequant_workspace_bytes(model, torch.bfloat16) == 1792 * 256 * (4 + 2)  # single_blocks.0.linear1
+    assert dequant_workspace_bytes(load_dit(files["BF16"]), torch.bfloat16) == 0

@@ -72,3 +72,10 @@ def is_quantized(module: nn.Module) -> bool:
 def quantized_bytes(model: nn.Module) -> int:
     """Bytes of the quantised weights of ``model``."""
     return sum(m.weight.numel() for m in model.modules() if is_quantized(m))
+
+
+def dequant_workspace_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """Device memory one call of the largest quantised layer needs beyond its bytes: the float32 weight the
+    dequantisation builds and its cast to ``dtype`` (0 when nothing is quantised)."""
+    largest = max((m.weight_shape.numel() for m in model.modules() if is_quantized(m)), default=0)
+    return largest * (4 + dtype.itemsize)
