@@ -15,6 +15,7 @@ from ..step1x.graph_io import (
     repeat_rows,
     resize_images,
 )
+from ..step1x.models.quantized import dequant_workspace_bytes
 from ..step1x.sampling.denoise import TextConditioning, denoise, make_noise
 from . import _comfy as bridge
 from .sockets import CATEGORY, CONDITIONING, DIT
@@ -151,6 +152,7 @@ def run(dit, connector, noise, cond, uncond, *, reference, init, keep, steps, cf
     params = dit.model.params
     tokens = 640 + noise.shape[-2] * noise.shape[-1] // 4 * (1 if reference is None else 2)
     memory = 2 * noise.shape[0] * tokens * params.hidden_size * dit.compute_dtype.itemsize * ACTIVATION_FACTOR
+    memory += dequant_workspace_bytes(dit.model, dit.compute_dtype)  # GGUF layers dequantise on the device
     bridge.load([dit.patcher], memory_required=memory)
     device = dit.patcher.load_device
     progress = bridge.Progress(steps, device)

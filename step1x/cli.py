@@ -1,4 +1,4 @@
-"""Command line: ``python -m step1x {edit,selftest,download}`` (also installed as ``step1x-edit``, where the
+"""Command line: ``python -m step1x {edit,selftest,download,quantize}`` (also installed as ``step1x-edit``, where the
 command may be left out: ``step1x-edit photo.png -p TEXT -o out`` is ``step1x-edit edit photo.png ...``)."""
 
 from __future__ import annotations
@@ -123,14 +123,32 @@ def _download_parser(sub) -> None:
     p.add_argument("--plan", action="store_true", help="only show where each file would go")
 
 
+def _quantize_parser(sub) -> None:
+    from .checkpoints.gguf_convert import CONVERT_TYPES, LOAD_ONLY_TYPES
+
+    p = sub.add_parser("quantize", help="write the DiT as a GGUF file (Q8_0 ... Q4_0) for GPUs with less memory",
+                       description="Quantise the Step1X-Edit DiT (.safetensors) into a GGUF file that the DiT loaders "
+                                   "(and ComfyUI-GGUF's file conventions) read. The Linear weights of the transformer "
+                                   "blocks get --type; 1-D and small tensors stay F32; the embedders, final layer and "
+                                   f"connector keep the source precision. {', '.join(LOAD_ONLY_TYPES)} files load but "
+                                   "are made with llama.cpp's quantizer, not here.")
+    p.add_argument("input", help="the Step1X-Edit DiT .safetensors (bf16, fp16, fp32 or fp8)")
+    p.add_argument("output", help="the .gguf file to write (written to a temporary file, renamed when complete)")
+    p.add_argument("--type", choices=CONVERT_TYPES, default="Q8_0", dest="qtype",
+                   help="storage of the block weights (resident DiT: Q8_0 12.8 GiB, Q5_1 9.4, Q4_1 8.0, Q4_0 7.3)")
+    p.add_argument("--force", action="store_true", help="replace the output if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="step1x", description="Step1X-Edit without the UI. Without a command, the arguments are those of "
                                    "'edit': step1x-edit photo.png -p TEXT -o out is step1x-edit edit photo.png ...")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{edit,selftest,download}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{edit,selftest,download,quantize}")
     _edit_parser(sub)
     _selftest_parser(sub)
     _download_parser(sub)
+    _quantize_parser(sub)
     return parser
 
 
@@ -175,6 +193,22 @@ def _download(args) -> int:
     return 0
 
 
+def _quantize(args) -> int:
+    from .checkpoints.gguf_convert import convert
+    from .checkpoints.safetensors_file import CheckpointError
+
+    try:
+        written = convert(args.input, args.output, args.qtype, overwrite=args.force, progress=not args.quiet)
+    except (CheckpointError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; {args.output} was not written", file=sys.stderr)
+        return 130
+    print(written.summary())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
@@ -186,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_edit(args)
     if args.command == "selftest":
         return _selftest(args)
+    if args.command == "quantize":
+        return _quantize(args)
     return _download(args)
 
 

@@ -25,6 +25,7 @@ from ..models.autoencoder import AutoEncoder
 from ..models.configs import STEP1X_EDIT, AutoEncoderParams, ConnectorParams, DiTParams
 from ..models.model import Step1XEdit
 from ..models.ops import FP8_DTYPES, CastOps
+from .gguf_file import is_gguf
 from .safetensors_file import DTYPES, CheckpointError, Header, open_tensors, read_header
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,12 @@ def _shape(header: Header, prefix: str, key: str) -> tuple[int, ...]:
 
 
 def inspect_dit(path: str | os.PathLike) -> DiTFileInfo:
-    """Check that ``path`` (a file, or a diffusers-layout folder) is a Step1X-Edit DiT and read its
-    architecture, version and dtype."""
+    """Check that ``path`` (a file, a ``.gguf`` file, or a diffusers-layout folder) is a Step1X-Edit DiT and
+    read its architecture, version and dtype."""
+    if is_gguf(path):
+        from .gguf_loading import inspect_gguf_dit
+
+        return inspect_gguf_dit(path)
     from . import diffusers_layout
 
     if diffusers_layout.is_diffusers_dit(path):
@@ -289,7 +294,13 @@ def load_dit(
     of bf16); they are upcast per layer at compute time. A scaled-fp8 file (``*.scale_weight`` tensors) is
     dequantised with its scales; "default" then keeps it in ``compute_dtype``, because storing the
     dequantised values as fp8 again, without their scale, would lose more than a plain fp8 cast.
-    ``attention`` picks the attention backend."""
+    ``attention`` picks the attention backend. A ``.gguf`` file keeps its quantised block weights quantised
+    (:mod:`step1x.checkpoints.gguf_loading`)."""
+    if is_gguf(path):
+        from .gguf_loading import load_gguf_dit
+
+        return load_gguf_dit(path, device=device, compute_dtype=compute_dtype, weight_dtype=weight_dtype,
+                             attention=attention, operations=operations)
     select_backend(attention)  # an unavailable backend fails before any weights are read
     from . import diffusers_layout
 
