@@ -3,6 +3,7 @@ weight dtype.
 
     python benchmarks/bench_dit.py                       # small CPU-friendly model, 512x512 edit
     python benchmarks/bench_dit.py --real --size 1024    # the released architecture (needs a big GPU)
+    python benchmarks/bench_dit.py --weights-only --version v1.2   # resident weight memory, no compute
 
 Each configuration runs in its own process so that peak memory is measured cleanly: CUDA max
 allocated on a GPU, peak RSS (VmHWM) on the CPU. Weights are random; speed does not depend on them.
@@ -25,7 +26,7 @@ import torch  # noqa: E402
 
 from step1x.checkpoints.loading import cast_model  # noqa: E402
 from step1x.models.attention import installed_backends  # noqa: E402
-from step1x.models.configs import STEP1X_EDIT, ConnectorParams, DiTParams  # noqa: E402
+from step1x.models.configs import STEP1X_EDIT, VERSIONS, ConnectorParams, DiTParams, with_version  # noqa: E402
 from step1x.models.model import Step1XEdit  # noqa: E402
 from step1x.sampling.denoise import TextConditioning, denoise, make_noise  # noqa: E402
 
@@ -33,16 +34,16 @@ DTYPES = {"fp32": (torch.float32, "fp32"), "bf16": (torch.bfloat16, "default"),
           "fp8": (torch.bfloat16, "fp8_e4m3fn")}
 
 
-def small_params(hidden: int, heads: int, double: int, single: int, text_hidden: int) -> DiTParams:
+def small_params(hidden: int, heads: int, double: int, single: int, text_hidden: int, version: str) -> DiTParams:
     head_dim = hidden // heads
     if head_dim != 128:
         raise SystemExit("use a head dim of 128 (hidden/heads) so the RoPE axes are the real 16/56/56")
-    return replace(
+    return with_version(replace(
         STEP1X_EDIT, hidden_size=hidden, num_heads=heads, depth=double, depth_single_blocks=single,
         context_in_dim=text_hidden,
         connector=ConnectorParams(in_channels=text_hidden, hidden_size=text_hidden,
                                   num_heads=max(1, text_hidden // 128)),
-    )
+    ), version)
 
 
 def rss_peak_mb() -> float:
@@ -70,8 +71,11 @@ def run_one(cfg: dict) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(cfg["threads"]) if cfg["threads"] else None
     device = torch.device(cfg["device"])
-    params = STEP1X_EDIT if cfg["real"] else small_params(cfg["hidden"], cfg["heads"], cfg["double"], cfg["single"],
-                                                          cfg["text_hidden"])
+    if cfg["real"]:
+        params = with_version(STEP1X_EDIT, cfg["version"])
+    else:
+        params = small_params(cfg["hidden"], cfg["heads"], cfg["double"], cfg["single"], cfg["text_hidden"],
+                              cfg["version"])
     compute, weight = DTYPES[cfg["dtype"]]
     with torch.device("meta"):
         model = Step1XEdit(params)
@@ -90,6 +94,13 @@ def run_one(cfg: dict) -> dict:
     mask = torch.zeros(1, 640, dtype=torch.long)
     mask[:, :400] = 1
     cond, uncond = TextConditioning(emb, mask), TextConditioning(emb.flip(1), mask)
+    if params.text_token_mapping:  # v1.2: text trimmed to its valid length, with positions and quote mask
+        ids = torch.zeros(1, 400, 3)
+        ids[..., 0] = torch.arange(-400, 0)
+        quoted = torch.zeros(1, 400, dtype=torch.long)
+        quoted[:, 100:110] = 1
+        cond = TextConditioning(emb[:, :400], mask[:, :400], ids, emb[:, :400], quoted)
+        uncond = TextConditioning(emb[:, :380], mask[:, :380], ids[:, -380:], emb[:, :380], quoted[:, :380] * 0)
 
     def sample(steps):
         with torch.no_grad():
@@ -117,6 +128,9 @@ def run_one(cfg: dict) -> dict:
 
 def weight_table(params: DiTParams) -> None:
     """Resident weight memory of a model under each storage policy, counted on the meta device."""
+    print(f"# Step1X-Edit {params.version}: hidden {params.hidden_size}, {params.depth}+{params.depth_single_blocks} "
+          f"blocks, connector {params.connector.in_channels}->{params.connector.hidden_size}"
+          + (", text_token_mapping" if params.text_token_mapping else ""))
     print("| weights | total GiB | transformer blocks GiB | everything else GiB |")
     print("|---|---|---|---|")
     for name, (compute, weight) in DTYPES.items():
@@ -149,6 +163,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--weights-only", action="store_true",
                     help="print the released model's resident weight memory per dtype (no compute, no memory)")
+    ap.add_argument("--version", choices=VERSIONS, default="v1.1",
+                    help="model version (v1.2 adds text_token_mapping and samples with the v1.2 rules)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -156,7 +172,7 @@ def main() -> None:
         print(json.dumps(run_one(json.loads(args.one))))
         return
     if args.weights_only:
-        weight_table(STEP1X_EDIT)
+        weight_table(with_version(STEP1X_EDIT, args.version))
         return
 
     backends = args.attention.split(",") if args.attention else installed_backends()
@@ -164,14 +180,16 @@ def main() -> None:
         backends = [b for b in backends if b == "sdpa"] or ["sdpa"]
     shape = "real 3072x(19+38)" if args.real else f"hidden {args.hidden}, {args.double}+{args.single} blocks"
     tokens = (args.size // 16) ** 2
-    print(f"# device {args.device}, torch {torch.__version__}, {shape}, {args.size}px edit "
-          f"({tokens} noisy + {tokens} reference + 640 text tokens), CFG batch 2, {args.steps} steps")
+    text = ("400/380 text tokens; cond and uncond as separate calls" if args.version == "v1.2"
+            else "640 text tokens; CFG batch 2")
+    print(f"# Step1X-Edit {args.version}, device {args.device}, torch {torch.__version__}, {shape}, {args.size}px edit "
+          f"({tokens} noisy + {tokens} reference + {text}), {args.steps} steps")
     print(f"| attention | weights | params (M) | weight MB | step s | {args.steps}-step denoise s | peak MB |")
     print("|---|---|---|---|---|---|---|")
     for backend in backends:
         for dtype in args.dtypes.split(","):
             cfg = {**{k: getattr(args, k) for k in ("device", "real", "hidden", "heads", "double", "single", "size",
-                                                    "steps", "threads", "sequential_cfg")},
+                                                    "steps", "threads", "sequential_cfg", "version")},
                    "text_hidden": args.text_hidden, "dtype": dtype, "attention": backend}
             proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True,
                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})

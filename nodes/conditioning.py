@@ -7,9 +7,9 @@ import logging
 import torch
 from PIL import Image
 
-from ..step1x.geometry import resize_to_size_level
+from ..step1x.geometry import resize_to_size_level, upscale_note
 from ..step1x.graph_io import to_pil_list
-from ..step1x.pipeline import T2I_CONDITIONING_SIZE
+from ..step1x.pipeline import T2I_CONDITIONING_SIZE, check_edit_image, check_instruction
 from ..step1x.sampling.denoise import TextConditioning
 from . import _comfy as bridge
 from .sockets import CATEGORY, CONDITIONING, DIT, EMBEDS, MLLM, InstructionEmbeds, Step1XConditioning
@@ -52,10 +52,21 @@ class InstructionEncode:
         }
 
     def encode(self, mllm, instruction, negative_prompt, size_level, image=None):
+        check_instruction(instruction)
+        check_instruction(negative_prompt, "negative prompt")
+        if not instruction.strip():
+            log.warning("Step1X-Edit Instruction Encode: the instruction is empty, so nothing tells the model what to "
+                        "%s (the official code allows this); type it into the node.",
+                        "draw" if image is None else "change")
         if image is None:
             images, working = [Image.new("RGB", T2I_CONDITIONING_SIZE)], None
         else:
-            images = [resize_to_size_level(p, size_level) for p in to_pil_list(image)]
+            pils = to_pil_list(image)
+            check_edit_image(pils[0].width, pils[0].height, size_level)
+            note = upscale_note(pils[0].width, pils[0].height, size_level)
+            if note:
+                log.warning("Step1X-Edit: %s Press Cancel to stop the run.", note)
+            images = [resize_to_size_level(p, size_level) for p in pils]
             working = images[0].size
         encoder = mllm.encoder
         bridge.load([mllm.patcher], memory_required=MLLM_TOKENS * encoder.hidden_size * 4 * 16, full=True)

@@ -17,8 +17,9 @@ MLLM_DTYPES = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False), 
 
 
 class DiTLoader:
-    DESCRIPTION = ("Loads the Step1X-Edit DiT (v1.0 step1x-edit-i1258 or v1.1 step1x-edit-v1p1-official, or an "
-                   "fp8 conversion) from models/diffusion_models. Its connector is used by the Connector node.")
+    DESCRIPTION = ("Loads the Step1X-Edit DiT (v1.0 step1x-edit-i1258 or v1.1 step1x-edit-v1p1-official, an fp8 "
+                   "conversion, or a GGUF file: Q8_0 ... Q2_K) from models/diffusion_models. Its connector is used by "
+                   "the Connector node.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (DIT,)
@@ -28,12 +29,13 @@ class DiTLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "unet_name": (bridge.model_files("diffusion_models"), {
-                "tooltip": "The Step1X-Edit DiT file in models/diffusion_models (or models/unet)."}),
+            "unet_name": (dit_choices(), {
+                "tooltip": ("The Step1X-Edit DiT file in models/diffusion_models (or models/unet): .safetensors or "
+                            ".gguf (made with `python -m step1x quantize`, or a ComfyUI-GGUF style file).")}),
             "weight_dtype": (DIT_WEIGHT_DTYPES, {"default": "default", "tooltip": (
-                "How the large block weights are kept in memory. default: as stored (fp8 files stay fp8, others "
-                "in the compute dtype). fp8_e4m3fn / fp8_e5m2: about half the memory of bf16, slightly lower "
-                "quality. bf16: full quality.")}),
+                "How the large block weights are kept in memory. default: as stored (fp8 files stay fp8, GGUF "
+                "files stay quantised, others in the compute dtype). fp8_e4m3fn / fp8_e5m2: about half the memory "
+                "of bf16, slightly lower quality. bf16: full quality (a GGUF file is dequantised once at load).")}),
             "attention": (backend_names(), {"default": "auto", "tooltip": (
                 "Attention kernel. auto picks flash-attn or xformers when installed and suitable, else PyTorch "
                 "SDPA. Choosing a package that is not installed fails with an install hint.")}),
@@ -46,6 +48,11 @@ class DiTLoader:
         model = load_dit(path, device=offload_device, compute_dtype=dtype, weight_dtype=weight_dtype,
                          attention=attention, operations=bridge.operations())
         return (DiT(bridge.manage(model, load_device, offload_device), dtype, unet_name),)
+
+
+def dit_choices() -> list[str]:
+    """The DiT files: what ComfyUI lists for models/diffusion_models, and the GGUF files there."""
+    return sorted(set(bridge.model_files("diffusion_models")) | set(bridge.gguf_files("diffusion_models")))
 
 
 class MllmLoader:

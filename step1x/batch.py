@@ -13,6 +13,7 @@ run, results written atomically, and a closing report.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import tempfile
@@ -110,6 +111,27 @@ def _umask() -> int:
     return mask
 
 
+DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+class OutputWriteError(OSError):
+    """A result that could not be written, with the path and what to do."""
+
+
+def write_result(image: Image.Image, path: Path) -> None:
+    """:func:`save_atomic`, with a full disk reported by the path and what to do about it."""
+    try:
+        save_atomic(image, path)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        raise OutputWriteError(
+            f"no space left to write {path} ({exc.strerror or exc}); free some space on that disk, or write the "
+            "results to a folder on another disk (--output-dir), then run again with --skip-existing to do only "
+            "what is missing"
+        ) from None
+
+
 def describe_error(exc: BaseException) -> str:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return ("out of GPU memory; try --offload, --weight-dtype fp8_e4m3fn, --sequential-cfg or a smaller "
@@ -142,9 +164,6 @@ class _Bars:
         self.images.set_postfix_str(name, refresh=False)
         self.images.update(1)
 
-    def note(self, text: str) -> None:
-        self.images.write(text, file=sys.stderr) if self.enabled else print(text, file=sys.stderr)
-
     def close(self) -> None:
         if self.steps is not None:
             self.steps.close()
@@ -158,7 +177,7 @@ def run_job(pipe: Step1XPipeline, job: Job, options: EditOptions, *, width: int 
         image = pipe.text_to_image(job.prompt, width, height, options, callback=callback, timings=timings)
     else:
         image = pipe.edit(load_image(job.source), job.prompt, options, callback=callback, timings=timings)
-    save_atomic(image, job.output)
+    write_result(image, job.output)
 
 
 def run_batch(pipe: Step1XPipeline, jobs: list[Job], options: EditOptions | None = None, *, width: int = 1024,
@@ -185,9 +204,8 @@ def run_batch(pipe: Step1XPipeline, jobs: list[Job], options: EditOptions | None
             except KeyboardInterrupt:
                 report.interrupted = True
                 break
-            except Exception as exc:  # one bad image must not end the run
+            except Exception as exc:  # one bad image must not end the run; the summary gives the reason
                 result = JobResult(job, "failed", time.perf_counter() - t0, describe_error(exc), timings)
-                bars.note(f"failed {job.name}: {result.error}")
             else:
                 result = JobResult(job, "done", time.perf_counter() - t0, timings=timings)
             report.results.append(result)

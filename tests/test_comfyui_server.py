@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from node_support import BUILTINS, ROOT, WORKFLOWS, load_pack, ui_files, write_tiny_models
+from node_support import BUILTINS, ROOT, WORKFLOWS, lib, load_pack, ui_files, write_tiny_models
 
 COMFYUI = os.environ.get("COMFYUI_PATH")
 if not COMFYUI:
@@ -35,7 +35,7 @@ if not COMFYUI:
 
 PACK_FOLDER = "ComfyUI-Step1X-Edit"
 MODEL_NAMES = {"dit": "step1x-edit-v1p1-official.safetensors", "vae": "step1x-edit-vae.safetensors",
-               "mllm": "Qwen2.5-VL-7B-Instruct"}
+               "mllm": "Qwen2.5-VL-7B-Instruct", "gguf": "step1x-edit-v1p1-official-Q4_1.gguf"}
 IMAGE_SIZE = (96, 72)
 FAST = {"steps": 2, "size_level": 64}
 
@@ -93,6 +93,9 @@ def _prepare_base(base: Path) -> None:
     tokenizer = Path(COMFYUI) / "comfy" / "text_encoders" / "qwen25_tokenizer"
     names = write_tiny_models(models, tokenizer)
     (models / "diffusion_models" / names["dit"]).rename(models / "diffusion_models" / MODEL_NAMES["dit"])
+    (models / "unet").mkdir()  # ComfyUI's legacy folder for DiTs, where GGUF files often live
+    lib("checkpoints.gguf_convert").convert(models / "diffusion_models" / MODEL_NAMES["dit"],
+                                            models / "unet" / MODEL_NAMES["gguf"], "Q4_1")
     (models / "vae" / names["vae"]).rename(models / "vae" / MODEL_NAMES["vae"])
     shutil.copyfile(models / "vae" / MODEL_NAMES["vae"], models / "vae" / "ae.safetensors")
     # the MLLM folder is a link, as large model folders often are: it must be listed as one model
@@ -213,6 +216,16 @@ def test_the_api_workflow_runs_and_writes_an_image_at_the_original_size(server):
     log = server.log.read_text(errors="replace")
     for model in ("Step1XEdit", "ModuleHolder", "AutoEncoder"):
         assert f"Requested to load {model}" in log, f"{model} was not loaded through ComfyUI's model management"
+
+
+def test_the_api_workflow_runs_on_a_gguf_dit_from_the_unet_folder(server):
+    choices = server.get("/object_info/Step1XEditDiTLoader")["Step1XEditDiTLoader"]["input"]["required"]
+    assert MODEL_NAMES["gguf"] in choices["unet_name"][0]
+    entry = server.run(_api_prompt(**{"1__unet_name": MODEL_NAMES["gguf"], "7__seed": 7}))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    image = entry["outputs"]["10"]["images"][0]
+    assert (server.base / "output" / image["subfolder"] / image["filename"]).is_file()
+    assert "GGUF tensors" in server.log.read_text(errors="replace")
 
 
 def test_changing_only_the_seed_does_not_re_encode_the_instruction(server):

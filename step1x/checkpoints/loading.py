@@ -1,9 +1,10 @@
-"""Loading the Step1X-Edit DiT and the FLUX VAE from single .safetensors files.
+"""Loading the Step1X-Edit DiT and the FLUX VAE from single .safetensors files, or from diffusers-layout
+model folders (:mod:`.diffusers_layout`; ``load_dit``/``load_vae`` take either).
 
 Models are built on the meta device and the checkpoint tensors are assigned into them one by one, so
 memory never holds two copies. The file decides the architecture: the version (v1.0 has
-``connector.scale_factor``, v1.1 does not), the sizes (from tensor shapes) and the stored dtype.
-A file of the wrong kind fails with an error that says what it is and what was expected.
+``connector.scale_factor``, v1.2 has ``text_token_mapping``, v1.1 neither), the sizes (from tensor shapes)
+and the stored dtype. A file of the wrong kind fails with an error that says what it is and what was expected.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..models.autoencoder import AutoEncoder
 from ..models.configs import STEP1X_EDIT, AutoEncoderParams, ConnectorParams, DiTParams
 from ..models.model import Step1XEdit
 from ..models.ops import FP8_DTYPES, CastOps
+from .gguf_file import is_gguf
 from .safetensors_file import DTYPES, CheckpointError, Header, open_tensors, read_header
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,7 @@ def describe(header: Header) -> str:
     if any(k.startswith(("visual.", "model.visual.")) for k in keys):
         return "a vision-language model"
     if any("transformer_blocks" in k for k in keys):
-        return "a diffusers-format transformer (convert it to the original single-file layout)"
+        return "a diffusers-format transformer (load its model folder, or its transformer/ folder, instead)"
     sample = ", ".join(sorted(keys)[:3])
     return f"an unrecognised model (first keys: {sample})"
 
@@ -107,7 +109,16 @@ def _shape(header: Header, prefix: str, key: str) -> tuple[int, ...]:
 
 
 def inspect_dit(path: str | os.PathLike) -> DiTFileInfo:
-    """Check that ``path`` is a Step1X-Edit DiT and read its architecture, version and dtype."""
+    """Check that ``path`` (a file, a ``.gguf`` file, or a diffusers-layout folder) is a Step1X-Edit DiT and
+    read its architecture, version and dtype."""
+    if is_gguf(path):
+        from .gguf_loading import inspect_gguf_dit
+
+        return inspect_gguf_dit(path)
+    from . import diffusers_layout
+
+    if diffusers_layout.is_diffusers_dit(path):
+        return diffusers_layout.inspect_transformer(diffusers_layout.open_component(path, diffusers_layout.TRANSFORMER))
     return _inspect_dit(read_header(path))
 
 
@@ -171,6 +182,11 @@ def _dit_params(header: Header, prefix: str) -> DiTParams:
             global_out=s("connector.global_proj_out.weight")[0],
             has_scale_factor="connector.scale_factor" in keys,
         )
+        mapping = "text_token_mapping.weight" in keys
+        if mapping and s("text_token_mapping.weight") != (conn_hidden, conn_in):
+            found = list(s("text_token_mapping.weight"))
+            raise CheckpointError(f"{header.path.name}: text_token_mapping.weight is {found} but the connector maps "
+                                  f"{conn_in} -> {conn_hidden}")
         return DiTParams(
             in_channels=in_channels,
             out_channels=s("final_layer.linear.weight")[0],
@@ -185,6 +201,7 @@ def _dit_params(header: Header, prefix: str) -> DiTParams:
             theta=STEP1X_EDIT.theta,
             qkv_bias="double_blocks.0.img_attn.qkv.bias" in keys,
             connector=connector,
+            text_token_mapping=mapping,
         )
     except KeyError as exc:
         raise CheckpointError(
@@ -269,15 +286,30 @@ def load_dit(
     attention: str = "auto",
     operations=CastOps,
 ) -> Step1XEdit:
-    """Load a Step1X-Edit DiT (v1.0 or v1.1, any stored dtype) onto ``device``.
+    """Load a Step1X-Edit DiT (v1.0, v1.1 or v1.2, any stored dtype) onto ``device`` from a single file or a
+    diffusers-layout model folder (its ``transformer/`` folder, shard index or weight file also work).
 
     ``weight_dtype`` sets how the large block matrices are kept: "default" keeps plain fp8 files in fp8 and
     everything else in ``compute_dtype``; "fp8_e4m3fn"/"fp8_e5m2" cast them to fp8 (about half the memory
     of bf16); they are upcast per layer at compute time. A scaled-fp8 file (``*.scale_weight`` tensors) is
     dequantised with its scales; "default" then keeps it in ``compute_dtype``, because storing the
     dequantised values as fp8 again, without their scale, would lose more than a plain fp8 cast.
-    ``attention`` picks the attention backend."""
+    ``attention`` picks the attention backend. A ``.gguf`` file keeps its quantised block weights quantised
+    (:mod:`step1x.checkpoints.gguf_loading`)."""
+    if is_gguf(path):
+        from .gguf_loading import load_gguf_dit
+
+        return load_gguf_dit(path, device=device, compute_dtype=compute_dtype, weight_dtype=weight_dtype,
+                             attention=attention, operations=operations)
     select_backend(attention)  # an unavailable backend fails before any weights are read
+    from . import diffusers_layout
+
+    if diffusers_layout.is_diffusers_dit(path):
+        weight = weight_dtype_for(weight_dtype)
+        return diffusers_layout.load_dit(
+            path, device=torch.device(device), attention=attention, operations=operations,
+            storage=lambda info: lambda key: storage_dtype(key, info.stored_dtype, compute_dtype, weight),
+        )
     header = read_header(path)
     info = _inspect_dit(header)
     weight = weight_dtype_for(weight_dtype)
@@ -336,7 +368,12 @@ def _vae_params(header: Header, prefix: str) -> AutoEncoderParams:
 
 def load_vae(path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
              operations=CastOps) -> AutoEncoder:
-    """Load the FLUX VAE (Step1X-Edit ``vae.safetensors`` or FLUX ``ae.safetensors``; same keys)."""
+    """Load the FLUX VAE (Step1X-Edit ``vae.safetensors`` or FLUX ``ae.safetensors``; same keys), or its
+    diffusers ``AutoencoderKL`` layout (a model folder with ``vae/``, the ``vae/`` folder or its weight file)."""
+    from . import diffusers_layout
+
+    if diffusers_layout.is_diffusers_vae(path):
+        return diffusers_layout.load_vae(path, device=torch.device(device), dtype=dtype, operations=operations)
     header, prefix, params = inspect_vae(path)
     with torch.device("meta"):
         vae = AutoEncoder(params, operations=operations)

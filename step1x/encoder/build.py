@@ -16,7 +16,12 @@ from torch import nn
 from ..checkpoints.safetensors_file import open_tensors
 from . import keys as K
 from .checkpoint import Checkpoint, CheckpointError, is_fp8
-from .fp8 import dequantize, swap_linear
+from .fp8 import dequantize, quantize, swap_linear
+
+QUANTIZED = ("model.layers.", "visual.blocks.", "visual.merger.mlp.")
+"""Canonical prefixes of the Linear weights ``quantize_fp8`` stores in float8 (those of ComfyUI's fp8_scaled
+files): the transformer blocks of the language model and of the vision tower, and the vision merger. The
+embedding, the norms and the LM head stay in the compute dtype."""
 
 
 @contextmanager
@@ -45,18 +50,30 @@ def parameters_on_meta():
             deterministic.fill_uninitialized_memory = fill
 
 
-def empty_model(config) -> nn.Module:
-    """``Qwen2_5_VLForConditionalGeneration`` with meta parameters and no LM head.
+def empty_model(config, *, lm_head: bool = False) -> nn.Module:
+    """``Qwen2_5_VLForConditionalGeneration`` with meta parameters.
 
-    The encoder reads the hidden state after the final norm, so ``lm_head`` (a vocab x hidden matrix)
-    is replaced by an identity and never loaded."""
+    The encoder reads the hidden state after the final norm, so unless ``lm_head`` (text generation) is
+    asked for, the LM head (a vocab x hidden matrix) is replaced by an identity and never loaded."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     with parameters_on_meta():
         model = Qwen2_5_VLForConditionalGeneration(config)
-    model.lm_head = nn.Identity()
+    if not lm_head:
+        model.lm_head = nn.Identity()
     model.requires_grad_(False)
     return model.eval()
+
+
+def ties_embeddings(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def _tie_head(model: nn.Module) -> None:
+    """Share the input embedding with a kept LM head when the config ties them (as transformers does)."""
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Linear) and ties_embeddings(model):
+        head.weight = model.get_input_embeddings().weight
 
 
 def _linear_weights(model: nn.Module) -> set[str]:
@@ -70,9 +87,11 @@ def assign_weights(
     device: torch.device,
     dtype: torch.dtype,
     keep_fp8: bool = False,
+    quantize_fp8: bool = False,
 ) -> None:
     """Read every tensor of ``ckpt`` into ``model`` on ``device``; float tensors become ``dtype``
-    (fp8 ones dequantised with their scale unless ``keep_fp8`` keeps Linear weights in float8)."""
+    (fp8 ones dequantised with their scale unless ``keep_fp8`` keeps Linear weights in float8;
+    ``quantize_fp8`` stores the block Linear weights of a full-precision checkpoint in float8 too)."""
     expected = dict(model.state_dict(keep_vars=True))
     new_layout = K.uses_new_layout(expected)
     linears = _linear_weights(model)
@@ -95,8 +114,12 @@ def assign_weights(
                     )
                 tensor = ckpt.read(handle, name)
                 scale = ckpt.read_scale(handle, name)
-                if is_fp8(entry.dtype) and keep_fp8 and target in linears:
+                if is_fp8(entry.dtype) and (keep_fp8 or quantize_fp8) and target in linears:
                     kept_fp8[target] = (tensor.to(device), None if scale is None else scale.to(device))
+                    continue
+                if quantize_fp8 and target in linears and name.startswith(QUANTIZED) and tensor.is_floating_point():
+                    weight, scale = quantize(tensor)
+                    kept_fp8[target] = (weight.to(device), scale.to(device))
                     continue
                 if is_fp8(entry.dtype) or scale is not None:
                     tensor = dequantize(tensor, scale, dtype)
@@ -106,6 +129,7 @@ def assign_weights(
     model.load_state_dict(state, strict=False, assign=True)
     for target, (weight, scale) in kept_fp8.items():
         swap_linear(model, target, weight, scale)
+    _tie_head(model)
     _check_complete(model, ckpt)
     if unexpected:
         warnings.warn(

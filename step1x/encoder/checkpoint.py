@@ -62,12 +62,13 @@ def is_fp8(dtype_name: str) -> bool:
     return dtype_name.startswith("F8")
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike, *, keep_lm_head: bool = False) -> Checkpoint:
+    """The Qwen2.5-VL tensors of ``path``; ``lm_head`` is left out unless ``keep_lm_head`` (text generation)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"text encoder not found: {path}")
     if path.is_dir():
-        return _collect(path, "folder", _folder_files(path))
+        return _collect(path, "folder", _folder_files(path), keep_lm_head)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(
             f"{path} is a pickle checkpoint; only .safetensors files are loaded (pickle can run code). "
@@ -78,7 +79,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             f"{path} is not a .safetensors file or a model folder; give the Qwen2.5-VL-7B-Instruct folder or "
             "ComfyUI's qwen_2.5_vl_7b*.safetensors text encoder."
         )
-    return _collect(path, "file", [path])
+    return _collect(path, "file", [path], keep_lm_head)
 
 
 def _folder_files(folder: Path) -> list[Path]:
@@ -106,7 +107,7 @@ def _folder_files(folder: Path) -> list[Path]:
     return files
 
 
-def _collect(path: Path, kind: str, files: list[Path]) -> Checkpoint:
+def _collect(path: Path, kind: str, files: list[Path], keep_lm_head: bool = False) -> Checkpoint:
     raw: dict[str, Entry] = {}
     for file in files:
         for stored, info in read_header(file).tensors.items():
@@ -120,7 +121,7 @@ def _collect(path: Path, kind: str, files: list[Path]) -> Checkpoint:
         if not stored.startswith(prefix):
             continue
         name = K.canonical(stored[len(prefix) :])
-        if name.endswith(IGNORED_SUFFIXES) or K.is_dropped(name):
+        if name.endswith(IGNORED_SUFFIXES) or (K.is_dropped(name) and not keep_lm_head):
             continue
         scale_suffix = next((s for s in SCALE_SUFFIXES if name.endswith(s)), None)
         if scale_suffix:

@@ -2,7 +2,8 @@
 
 A real weight is ``fp8.float() * scale_weight``. By default every fp8 tensor is dequantised once at
 load time to the compute dtype. With ``keep_fp8`` the Linear weights stay float8 in memory (about half
-the size of bf16) and each layer is dequantised on the fly in its forward.
+the size of bf16) and each layer is dequantised on the fly in its forward. ``quantize`` makes the same
+representation from a full-precision weight (for the bf16 text encoder of a diffusers-layout folder).
 """
 
 from __future__ import annotations
@@ -10,6 +11,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
+FP8_MAX = 448.0
+"""Largest finite float8_e4m3fn value: the per-tensor scale maps the weight's largest magnitude onto it."""
+
+
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn weight, float32 scalar scale) with ``scale = max|w| / 448``, as ComfyUI's fp8_scaled files."""
+    if FP8_DTYPE is None:
+        raise RuntimeError("this torch has no float8_e4m3fn; update torch (>= 2.1) to keep weights in fp8")
+    scale = weight.abs().max().to(torch.float32) / FP8_MAX
+    if scale == 0:
+        scale = torch.ones((), dtype=torch.float32)
+    return (weight.to(torch.float32) / scale).to(FP8_DTYPE), scale.reshape(())
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

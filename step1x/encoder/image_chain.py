@@ -88,12 +88,19 @@ def fetch_image(image: Image.Image) -> Image.Image:
     return image.resize(size, Image.Resampling.BICUBIC)
 
 
-def make_image_processor(patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2):
+def make_image_processor(
+    patch_size: int = 14,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+    *,
+    min_pixels: int = PROCESSOR_MIN_PIXELS,
+    max_pixels: int = PROCESSOR_MAX_PIXELS,
+):
     """The transformers Qwen2-VL image processor that needs neither torchvision nor a model folder:
     ``Qwen2VLImageProcessorPil`` (transformers 5) or the NumPy ``Qwen2VLImageProcessor`` (4.49+)."""
     kwargs = dict(
-        min_pixels=PROCESSOR_MIN_PIXELS,
-        max_pixels=PROCESSOR_MAX_PIXELS,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
         patch_size=patch_size,
         merge_size=merge_size,
         temporal_patch_size=temporal_patch_size,

@@ -1,8 +1,12 @@
-"""The text side of the official Step1X-Edit prompt: chat layout and the quote-splitting rule.
+"""The text side of the Step1X-Edit prompts: chat layouts, the model-facing strings, and the v1.0/v1.1
+quote-splitting rule.
 
-The official encoder renders one user turn ``[prefix text, image, instruction]`` with the Qwen2.5-VL
-chat template (default system turn, generation prompt, no "Picture 1: " label), then re-tokenises that
-string piece by piece: quoted text is fed to the model one character at a time.
+v1.0/v1.1: the official encoder renders one user turn ``[prefix text, image, instruction]`` with the
+Qwen2.5-VL chat template (default system turn, generation prompt, no "Picture 1: " label), then
+re-tokenises that string piece by piece: quoted text is fed to the model one character at a time.
+
+v1.2: one user turn ``[prefix + " " + instruction, image]`` rendered with the vision label, so the
+instruction runs straight into ``Picture 1: `` (see ``quotes_v12`` for its splitting rule).
 """
 
 from __future__ import annotations
@@ -82,3 +86,38 @@ def split_quoted(text: str) -> list[str]:
     if current:
         pieces.append(current)
     return pieces
+
+
+EDIT_PREFIX_V12 = "\n".join(
+    (
+        "Given a reference image and a user editing instruction.",
+        "You need to understand the information of the reference image and the content of the editing instruction,",
+        "and then generate a detailed description of the edited target image based on the reference image and the "
+        "editing instruction. ",
+        "The description should include the requirements in the editing instruction and try to closely match the "
+        "content of the target image.",
+        "The editing instruction is:",
+    )
+)
+"""The v1.2 preamble (its third line ends in a space, as in the released pipeline)."""
+
+VISION_LABEL_V12 = "Picture 1: "
+"""What the chat template writes in front of the image when asked to number images (v1.2 asks)."""
+
+T2I_NEGATIVE_PROMPT_V12 = (
+    "worst quality, wrong limbs, unreasonable limbs, normal quality, low quality, low res, blurry, text, watermark, "
+    "logo, banner, extra digits, cropped, jpeg artifacts, signature, username, error, sketch ,duplicate, ugly, "
+    "monochrome, horror, geometry, mutation, disgusting"
+)
+"""v1.2's negative prompt for text-to-image (no reference image). Editing uses ``""``."""
+
+
+def chat_text_v12(instruction: str) -> str:
+    """The templated v1.2 string of one instruction, image placeholder unexpanded."""
+    user = f"{EDIT_PREFIX_V12} {instruction}{VISION_LABEL_V12}{VISION_START}{IMAGE_PAD}{VISION_END}"
+    return f"{SYSTEM_TURN}{IM_START}user\n{user}{IM_END}\n{GENERATION_PROMPT}"
+
+
+def default_negative_prompt_v12(text_to_image: bool) -> str:
+    """The negative prompt v1.2 uses when none is given: ``""`` for an edit, a quality list without an image."""
+    return T2I_NEGATIVE_PROMPT_V12 if text_to_image else ""

@@ -60,11 +60,14 @@ def seeded_init_(model: nn.Module, seed: int = 0) -> None:
             param.copy_(value.to(param.dtype))
 
 
-def tiny_model(seed: int = 0) -> nn.Module:
-    """The tiny float32 ``Qwen2_5_VLForConditionalGeneration`` with seeded weights."""
+def tiny_model(seed: int = 0, *, tie_word_embeddings: bool = True) -> nn.Module:
+    """The tiny float32 ``Qwen2_5_VLForConditionalGeneration`` with seeded weights; untied, it has an LM head
+    of its own as the 7B model does."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    model = Qwen2_5_VLForConditionalGeneration(make_config(TINY_QWEN25_VL, "the tiny config"))
+    config = copy.deepcopy(TINY_QWEN25_VL)
+    config["tie_word_embeddings"] = tie_word_embeddings
+    model = Qwen2_5_VLForConditionalGeneration(make_config(config, "the tiny config"))
     seeded_init_(model, seed)
     return model.eval()
 
@@ -78,10 +81,45 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> None
         shutil.copyfile(src / name, dst / name)
 
 
-def build_tiny_qwen_folder(dst: str | os.PathLike, tokenizer_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a Hugging Face style tiny Qwen2.5-VL folder (config.json, safetensors, tokenizer files)."""
+def build_tiny_qwen_folder(
+    dst: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None,
+    seed: int = 0,
+    *,
+    tie_word_embeddings: bool = True,
+    max_shard_size: str | None = None,
+) -> Path:
+    """Write a Hugging Face style tiny Qwen2.5-VL folder (config.json, safetensors, tokenizer files unless
+    ``tokenizer_dir`` is None); ``max_shard_size`` (e.g. "2MB") splits the weights into shards with an index."""
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    tiny_model(seed).save_pretrained(dst)
-    copy_tokenizer_files(tokenizer_dir, dst)
+    model = tiny_model(seed, tie_word_embeddings=tie_word_embeddings)
+    if max_shard_size is None:
+        model.save_pretrained(dst)
+    else:
+        model.save_pretrained(dst, max_shard_size=max_shard_size)
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, dst)
     return dst
+
+
+def build_tiny_diffusers_text_encoder(
+    root: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike,
+    seed: int = 0,
+    *,
+    tokenizer_subfolder: str = "processor",
+    tie_word_embeddings: bool = True,
+    max_shard_size: str | None = "2MB",
+) -> Path:
+    """Write the text-encoder part of a diffusers-layout model folder as the released v1.1-diffusers/v1.2
+    repos lay it out: ``text_encoder/`` (config.json, sharded safetensors and index) and the tokenizer in
+    ``tokenizer_subfolder`` (``processor``, ``tokenizer`` or ``text_encoder`` itself). Returns ``root``."""
+    root = Path(root)
+    build_tiny_qwen_folder(
+        root / "text_encoder", None, seed, tie_word_embeddings=tie_word_embeddings, max_shard_size=max_shard_size
+    )
+    tokenizer_folder = root / tokenizer_subfolder
+    tokenizer_folder.mkdir(parents=True, exist_ok=True)
+    copy_tokenizer_files(tokenizer_dir, tokenizer_folder)
+    return root

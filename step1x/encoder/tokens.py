@@ -1,11 +1,13 @@
-"""Token ids of the official prompt: tokenizer loading, piecewise re-tokenisation and the splice."""
+"""Token ids of the Step1X-Edit prompts: tokenizer loading, the official (v1.0/v1.1) piecewise
+re-tokenisation and splice, and the v1.2 chunk-by-chunk ids with their quote mask."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from .template import IMAGE_PAD, VISION_END, chat_text, split_quoted
+from .quotes_v12 import Chunk, special_token_strings, split_prompt
+from .template import EDIT_PREFIX_V12, IMAGE_PAD, VISION_END, chat_text, chat_text_v12, split_quoted
 
 IM_START_ID = 151644
 IM_END_ID = 151645
@@ -120,3 +122,27 @@ def check_placeholders(ids: list[int], num_image_tokens: int, instruction: str) 
             f"the instruction {shown!r} contains {', '.join(found)}, a placeholder reserved for the reference "
             "image; remove it or put it in quotes."
         )
+
+
+def prompt_chunks_v12(tokenizer, instruction: str) -> list[Chunk]:
+    """The v1.2 pieces of the templated ``instruction`` (see ``quotes_v12``)."""
+    return split_prompt(chat_text_v12(instruction), len(EDIT_PREFIX_V12), special_token_strings(tokenizer))
+
+
+def prompt_ids_v12(tokenizer, instruction: str, num_image_tokens: int) -> tuple[list[int], list[int]]:
+    """(input ids, text mask) of v1.2 for one instruction and an image of ``num_image_tokens`` tokens.
+
+    Every piece is tokenised on its own and the ids are concatenated; the image placeholder piece becomes
+    ``num_image_tokens`` pads. The mask is 1 on the tokens of quoted characters."""
+    chunks = prompt_chunks_v12(tokenizer, instruction)
+    ids: list[int] = []
+    mask: list[int] = []
+    texts = [c.text for c in chunks]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    for chunk, chunk_ids in zip(chunks, encoded, strict=True):
+        if chunk.text == IMAGE_PAD:
+            chunk_ids = [IMAGE_PAD_ID] * num_image_tokens
+        ids.extend(chunk_ids)
+        mask.extend([int(chunk.quoted)] * len(chunk_ids))
+    check_placeholders(ids, num_image_tokens, instruction)
+    return ids, mask

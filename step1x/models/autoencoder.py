@@ -21,10 +21,10 @@ def swish(x: Tensor) -> Tensor:
 
 
 class AttnBlock(nn.Module):
-    def __init__(self, channels: int, *, dtype=None, device=None, operations=CastOps):
+    def __init__(self, channels: int, *, groups: int = 32, dtype=None, device=None, operations=CastOps):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
-        self.norm = operations.GroupNorm(32, channels, eps=1e-6, affine=True, **kw)
+        self.norm = operations.GroupNorm(groups, channels, eps=1e-6, affine=True, **kw)
         self.q = operations.Conv2d(channels, channels, kernel_size=1, **kw)
         self.k = operations.Conv2d(channels, channels, kernel_size=1, **kw)
         self.v = operations.Conv2d(channels, channels, kernel_size=1, **kw)
@@ -41,13 +41,14 @@ class AttnBlock(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, *, dtype=None, device=None, operations=CastOps):
+    def __init__(self, in_channels: int, out_channels: int, *, groups: int = 32, dtype=None, device=None,
+                 operations=CastOps):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.norm1 = operations.GroupNorm(32, in_channels, eps=1e-6, affine=True, **kw)
+        self.norm1 = operations.GroupNorm(groups, in_channels, eps=1e-6, affine=True, **kw)
         self.conv1 = operations.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1, **kw)
-        self.norm2 = operations.GroupNorm(32, out_channels, eps=1e-6, affine=True, **kw)
+        self.norm2 = operations.GroupNorm(groups, out_channels, eps=1e-6, affine=True, **kw)
         self.conv2 = operations.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1, **kw)
         if in_channels != out_channels:
             self.nin_shortcut = operations.Conv2d(in_channels, out_channels, kernel_size=1, **kw)
@@ -91,7 +92,7 @@ def _mid(channels: int, kw: dict) -> nn.Module:
 class Encoder(nn.Module):
     def __init__(self, p: AutoEncoderParams, *, dtype=None, device=None, operations=CastOps):
         super().__init__()
-        kw = dict(dtype=dtype, device=device, operations=operations)
+        kw = dict(groups=p.norm_groups, dtype=dtype, device=device, operations=operations)
         self.num_resolutions = len(p.ch_mult)
         self.num_res_blocks = p.num_res_blocks
         self.conv_in = operations.Conv2d(p.in_channels, p.ch, kernel_size=3, stride=1, padding=1, dtype=dtype,
@@ -109,10 +110,10 @@ class Encoder(nn.Module):
                 block_in = block_out
             down.attn = nn.ModuleList()
             if level != self.num_resolutions - 1:
-                down.downsample = Downsample(block_in, **kw)
+                down.downsample = Downsample(block_in, dtype=dtype, device=device, operations=operations)
             self.down.append(down)
         self.mid = _mid(block_in, kw)
-        self.norm_out = operations.GroupNorm(32, block_in, eps=1e-6, affine=True, dtype=dtype, device=device)
+        self.norm_out = operations.GroupNorm(p.norm_groups, block_in, eps=1e-6, affine=True, dtype=dtype, device=device)
         self.conv_out = operations.Conv2d(block_in, 2 * p.z_channels, kernel_size=3, stride=1, padding=1,
                                           dtype=dtype, device=device)
 
@@ -130,7 +131,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, p: AutoEncoderParams, *, dtype=None, device=None, operations=CastOps):
         super().__init__()
-        kw = dict(dtype=dtype, device=device, operations=operations)
+        kw = dict(groups=p.norm_groups, dtype=dtype, device=device, operations=operations)
         self.num_resolutions = len(p.ch_mult)
         block_in = p.ch * p.ch_mult[-1]
         self.conv_in = operations.Conv2d(p.z_channels, block_in, kernel_size=3, stride=1, padding=1, dtype=dtype,
@@ -146,10 +147,10 @@ class Decoder(nn.Module):
                 block_in = block_out
             up.attn = nn.ModuleList()
             if level != 0:
-                up.upsample = Upsample(block_in, **kw)
+                up.upsample = Upsample(block_in, dtype=dtype, device=device, operations=operations)
             ups.insert(0, up)
         self.up = nn.ModuleList(ups)
-        self.norm_out = operations.GroupNorm(32, block_in, eps=1e-6, affine=True, dtype=dtype, device=device)
+        self.norm_out = operations.GroupNorm(p.norm_groups, block_in, eps=1e-6, affine=True, dtype=dtype, device=device)
         self.conv_out = operations.Conv2d(block_in, p.out_ch, kernel_size=3, stride=1, padding=1, dtype=dtype,
                                           device=device)
 

@@ -43,6 +43,9 @@ class DiTParams:
     theta: int = 10_000
     qkv_bias: bool = True
     connector: ConnectorParams = field(default_factory=ConnectorParams)
+    text_token_mapping: bool = False
+    """v1.2: ``text_token_mapping``, a Linear from the MLLM width to the connector width (3584 -> 4096 in the
+    released model) whose output on the quoted-character tokens is added to the connector's text tokens."""
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -63,6 +66,8 @@ class DiTParams:
             raise ValueError(
                 f"connector global_out {self.connector.global_out} must equal vec_in_dim {self.vec_in_dim}"
             )
+        if self.text_token_mapping and self.connector.has_scale_factor:
+            raise ValueError("a DiT with text_token_mapping (v1.2) has no connector scale_factor (v1.0)")
 
     @property
     def head_dim(self) -> int:
@@ -70,7 +75,16 @@ class DiTParams:
 
     @property
     def version(self) -> str:
+        if self.text_token_mapping:
+            return "v1.2"
         return "v1.0" if self.connector.has_scale_factor else "v1.1"
+
+    @property
+    def text_token_mapping_shape(self) -> tuple[int, int] | None:
+        """(out, in) of the v1.2 ``text_token_mapping.weight``: connector width x MLLM width."""
+        if not self.text_token_mapping:
+            return None
+        return self.connector.hidden_size, self.connector.in_channels
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +110,13 @@ class AutoEncoderParams:
     z_channels: int = 16
     scale_factor: float = 0.3611
     shift_factor: float = 0.1159
+    norm_groups: int = 32
+    """GroupNorm groups of every norm (32 in the FLUX VAE; diffusers' ``norm_num_groups``)."""
+
+    def __post_init__(self):
+        widths = {self.ch * m for m in self.ch_mult}
+        if any(w % self.norm_groups for w in widths):
+            raise ValueError(f"VAE widths {sorted(widths)} are not all divisible by norm_groups {self.norm_groups}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,17 +129,19 @@ class AutoEncoderParams:
 
 
 def with_version(params: DiTParams, version: str) -> DiTParams:
-    """The same architecture with the connector of ``version`` ("v1.0" or "v1.1")."""
+    """The same architecture as Step1X-Edit ``version``: "v1.0" (connector scale factor), "v1.1", or "v1.2"
+    (text token mapping)."""
     if version not in VERSIONS:
         raise ValueError(f"unknown Step1X-Edit version {version!r}; expected one of {VERSIONS}")
     connector = ConnectorParams(**{**asdict(params.connector), "has_scale_factor": version == "v1.0"})
-    return DiTParams(**{**asdict(params), "connector": connector, "axes_dim": tuple(params.axes_dim)})
+    return DiTParams(**{**asdict(params), "connector": connector, "axes_dim": tuple(params.axes_dim),
+                        "text_token_mapping": version == "v1.2"})
 
 
-VERSIONS = ("v1.0", "v1.1")
+VERSIONS = ("v1.0", "v1.1", "v1.2")
 
 STEP1X_EDIT = DiTParams()
-"""The released 12B model (v1.0 ``step1x-edit-i1258``; use :func:`with_version` for v1.1)."""
+"""The released 12B model (v1.0 ``step1x-edit-i1258``; use :func:`with_version` for v1.1 and v1.2)."""
 
 FLUX_VAE = AutoEncoderParams()
 

@@ -17,7 +17,9 @@ from .ops import CastOps
 class Step1XEdit(nn.Module):
     """``forward`` predicts the flow velocity for every image token (noisy and reference).
 
-    The connector runs inside ``forward`` because its output depends on the timestep."""
+    The connector runs inside ``forward`` because its output depends on the timestep. v1.2
+    (``params.text_token_mapping``) then adds ``text_token_mapping(text_embeds)`` on the quoted-character
+    tokens to the connector's text tokens, before ``txt_in``."""
 
     def __init__(self, params: DiTParams, *, dtype=None, device=None, operations=CastOps):
         super().__init__()
@@ -38,6 +40,10 @@ class Step1XEdit(nn.Module):
         )
         self.final_layer = LastLayer(hidden, params.out_channels, **kw)
         self.connector = Qwen2Connector(params.connector, **kw)
+        if params.text_token_mapping:
+            width = params.connector
+            self.text_token_mapping = operations.Linear(width.in_channels, width.hidden_size, bias=True, dtype=dtype,
+                                                        device=device)
 
     @property
     def version(self) -> str:
@@ -69,12 +75,34 @@ class Step1XEdit(nn.Module):
         t_vec: Tensor,
         mask: Tensor,
         pe: Tensor | None = None,
+        text_embeds: Tensor | None = None,
+        text_mask: Tensor | None = None,
     ) -> Tensor:
-        """The official forward: connector on (llm_embedding, t_vec, mask), then the transformer."""
+        """The official forward: connector on (llm_embedding, t_vec, mask), then the transformer. v1.2 also
+        takes ``text_embeds`` (the MLLM input embeddings of the same tokens) and ``text_mask`` (1 on quoted
+        characters); its ``txt_ids`` are the encoder's text positions."""
         if llm_embedding.ndim != 3:
             raise ValueError(f"llm_embedding must be (batch, tokens, channels); got {tuple(llm_embedding.shape)}")
         txt, y = self.connector(llm_embedding, t_vec, mask)
+        txt = self.map_text_tokens(txt, text_embeds, text_mask)
         return self.transformer(img, img_ids, txt_ids, timesteps, txt, y, pe)
+
+    def map_text_tokens(self, txt: Tensor, text_embeds: Tensor | None, text_mask: Tensor | None) -> Tensor:
+        """v1.2: ``txt + text_token_mapping(text_embeds) * text_mask`` (the bias is masked too), on the
+        connector's output. v1.0/v1.1 have no mapping and return ``txt`` unchanged."""
+        if not self.params.text_token_mapping:
+            return txt
+        if text_embeds is None or text_mask is None:
+            raise ValueError(
+                "Step1X-Edit v1.2 needs text_embeds and text_mask with its text tokens (the v1.2 instruction "
+                "encoder gives them); this conditioning has none. Encode the instruction with the v1.2 encoder."
+            )
+        if text_embeds.shape[:2] != txt.shape[:2] or tuple(text_mask.shape) != tuple(txt.shape[:2]):
+            raise ValueError(
+                f"text_embeds {tuple(text_embeds.shape)} and text_mask {tuple(text_mask.shape)} must cover the same "
+                f"tokens as the text {tuple(txt.shape[:2])}"
+            )
+        return txt + self.text_token_mapping(text_embeds) * text_mask[:, :, None]
 
     def transformer(
         self, img: Tensor, img_ids: Tensor, txt_ids: Tensor, timesteps: Tensor, txt: Tensor, y: Tensor,

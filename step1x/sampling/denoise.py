@@ -1,21 +1,23 @@
-"""Rectified-flow sampling as the official editor does it: shifted schedule, Euler steps, reference tokens
-appended after the noisy tokens and held fixed, true CFG over a [cond, uncond] batch with the official
-renorm of the guidance difference.
+"""Rectified-flow sampling as the Step1X-Edit references do it: shifted schedule, Euler steps, reference
+tokens appended after the noisy tokens and held fixed, true CFG with the renorm of the guidance difference.
 
-Latents here are in model space (``scale * (raw - shift)``), shape (B, 16, H/8, W/8).
+One loop serves every version; :mod:`.rules` holds where the v1.2 reference pipeline differs from the
+official v1.0/v1.1 code (schedule rounding, DiT time, renorm condition, Euler precision, separate CFG calls,
+reference positions). Latents here are in model space (``scale * (raw - shift)``), shape (B, 16, H/8, W/8).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from ..models.configs import SHIFT_BASE, SHIFT_MAX
+from .rules import SamplerRules, official_schedule, rules_for
 from .teacache import TeaCache
 
 LATENT_CHANNELS = 16
@@ -26,16 +28,9 @@ LATENT_CHANNELS = 16
 
 def get_schedule(num_steps: int, image_seq_len: int, shift: bool = True) -> list[float]:
     """``num_steps + 1`` times from 1 to 0 in float32, shifted towards 1 for larger images: ``mu`` is
-    linear in the token count between (256, 0.5) and (4096, 1.15)."""
-    if num_steps < 1:
-        raise ValueError(f"steps must be at least 1, got {num_steps}")
-    t = torch.linspace(1, 0, num_steps + 1)
-    if shift:
-        (x1, y1), (x2, y2) = SHIFT_BASE, SHIFT_MAX
-        slope = (y2 - y1) / (x2 - x1)
-        mu = slope * image_seq_len + (y1 - slope * x1)
-        t = math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)
-    return t.tolist()
+    linear in the token count between (256, 0.5) and (4096, 1.15). (The official schedule; the v1.2 one is
+    :func:`~step1x.sampling.rules.diffusers_schedule`.)"""
+    return official_schedule(num_steps, image_seq_len, shift)
 
 
 def start_index(num_steps: int, strength: float) -> int:
@@ -82,13 +77,38 @@ def reference_id_base(version: str) -> float:
     return 0.0 if version == "v1.0" else 1.0
 
 
+def reference_ids(batch: int, h_tokens: int, w_tokens: int, version: str, rules: SamplerRules) -> Tensor:
+    """Position ids of the reference tokens: official v1.0 ``(0, row, col)``, v1.1 ``(1, row + 1, col + 1)``;
+    the v1.2 pipeline ``(1, row, col)``."""
+    if rules.reference_rows_from_zero:
+        ids = position_ids(batch, h_tokens, w_tokens)
+        ids[..., 0] = 1.0
+        return ids
+    return position_ids(batch, h_tokens, w_tokens, reference_id_base(version))
+
+
 # ----------------------------------------------------------------------------------------------- noise
+
+
+MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
+"""Seeds are 0 to 2**64 - 1, the range of torch's generator (and of ComfyUI's seed widgets)."""
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int, refusing what is not a whole number in 0 ... 2**64 - 1 (instead of wrapping it)."""
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        raise ValueError(f"the seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}") from None
+    if not 0 <= value <= MAX_SEED or isinstance(seed, bool):
+        raise ValueError(f"the seed must be a whole number from 0 to {MAX_SEED} (2**64 - 1), got {seed!r}")
+    return value
 
 
 def make_noise(shape: tuple[int, ...], seed: int) -> Tensor:
     """Standard normal noise from a CPU generator seeded with ``seed`` (float32): the same numbers on every
     device, and the same as ComfyUI's own noise for that seed."""
-    generator = torch.Generator(device="cpu").manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    generator = torch.Generator(device="cpu").manual_seed(check_seed(seed))
     return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
 
 
@@ -104,12 +124,12 @@ def renorm_divisor(diff_norm: Tensor, k: float = 0.4) -> Tensor:
     )
 
 
-def guidance(cond: Tensor, uncond: Tensor, scale: float, t_curr: float, renorm_threshold: float) -> Tensor:
-    """True CFG; while ``t_curr > renorm_threshold`` the difference is divided by
-    ``max(||cond - uncond||, 1) ** 0.4`` per token (norm over channels)."""
+def guidance(cond: Tensor, uncond: Tensor, scale: float, renorm: bool, power: float = 0.4) -> Tensor:
+    """True CFG; with ``renorm`` the difference is divided by ``max(||cond - uncond||, 1) ** power`` per token
+    (norm over channels)."""
     diff = cond - uncond
-    if t_curr > renorm_threshold:
-        return uncond + scale * diff / renorm_divisor(torch.norm(diff, dim=2, keepdim=True), k=0.4)
+    if renorm:
+        return uncond + scale * diff / renorm_divisor(torch.norm(diff, dim=2, keepdim=True), k=power)
     return uncond + scale * diff
 
 
@@ -122,11 +142,15 @@ class TextConditioning:
 
     v1.2 adds three fields (``None`` for v1.0/v1.1, whose text positions are all zero):
 
-    * ``txt_ids`` (B|1, L, 3) float32: the text tokens' RoPE positions (M-RoPE ids shifted negative, image
-      tokens placed on the latent grid; fractional values are allowed).
+    * ``txt_ids`` (B|1, L, 3) or (L, 3) float32: the text tokens' RoPE positions (M-RoPE ids shifted
+      negative, image tokens placed on the latent grid; fractional values are allowed).
     * ``text_embeds`` (B|1, L, C): the MLLM *input* embeddings of the same tokens, for the DiT's
       ``text_token_mapping``.
     * ``text_mask`` (B|1, L): 1 on the tokens of quoted characters, where the mapping is added.
+
+    v1.2 sends no padding into the DiT: each prompt is trimmed to its valid length. Prompts of different
+    lengths are given as separate conditionings (a list per CFG side, see :func:`denoise`); a padded batch
+    is trimmed row by row to its mask.
     """
 
     llm_embedding: Tensor
@@ -134,6 +158,10 @@ class TextConditioning:
     txt_ids: Tensor | None = None
     text_embeds: Tensor | None = None
     text_mask: Tensor | None = None
+
+    @property
+    def is_v12(self) -> bool:
+        return self.txt_ids is not None or self.text_embeds is not None
 
     def expand(self, batch: int) -> "TextConditioning":
         n = self.llm_embedding.shape[0]
@@ -143,10 +171,33 @@ class TextConditioning:
             raise ValueError(f"conditioning holds {n} prompts but the batch has {batch} images; give 1 or {batch}")
         return TextConditioning(
             self.llm_embedding.expand(batch, -1, -1), self.mask.expand(batch, -1),
-            None if self.txt_ids is None else self.txt_ids.expand(batch, -1, -1),
+            None if self.txt_ids is None else self._ids().expand(batch, -1, -1),
             None if self.text_embeds is None else self.text_embeds.expand(batch, -1, -1),
             None if self.text_mask is None else self.text_mask.expand(batch, -1),
         )
+
+    def row(self, i: int) -> "TextConditioning":
+        """Prompt ``i`` alone (batch 1), cut to its valid tokens (the mask must be ones, then zeros)."""
+        pick = (lambda t: t[i:i + 1]) if self.llm_embedding.shape[0] > 1 else (lambda t: t[:1])
+        mask = pick(self.mask)
+        n = int(mask.sum())
+        if not bool((mask[0, :n] != 0).all()):
+            raise ValueError("a v1.2 text mask must be ones on the valid tokens, then zeros (padding)")
+        ids = self._ids()
+        return TextConditioning(
+            pick(self.llm_embedding)[:, :n], mask[:, :n],
+            None if ids is None else (ids if ids.shape[0] == 1 else ids[i:i + 1])[:, :n],
+            None if self.text_embeds is None else pick(self.text_embeds)[:, :n],
+            None if self.text_mask is None else pick(self.text_mask)[:, :n],
+        )
+
+    def _ids(self) -> Tensor | None:
+        if self.txt_ids is None or self.txt_ids.ndim == 3:
+            return self.txt_ids
+        return self.txt_ids.unsqueeze(0)
+
+
+Conditioning = TextConditioning | list[TextConditioning] | tuple[TextConditioning, ...]
 
 
 @dataclass
@@ -178,13 +229,14 @@ def autocast_for(device: torch.device, dtype: torch.dtype):
 def denoise(
     model,
     noise: Tensor,
-    cond: TextConditioning,
-    uncond: TextConditioning | None,
+    cond: Conditioning,
+    uncond: Conditioning | None,
     *,
     reference: Tensor | None = None,
     steps: int = 28,
     cfg_scale: float = 6.0,
     renorm_threshold: float = 0.93,
+    renorm_power: float = 0.4,
     strength: float = 1.0,
     init_latent: Tensor | None = None,
     keep_mask: Tensor | None = None,
@@ -195,18 +247,28 @@ def denoise(
     timesteps: list[float] | None = None,
     teacache: float = 0.0,
     callback: Callable[[StepInfo], None] | None = None,
+    rules: SamplerRules | None = None,
     regione=None,
 ) -> Tensor:
     """Sample latents (B, 16, h, w) in model space, returned as float32.
 
     * ``noise`` (B, 16, h, w): the starting noise (see :func:`make_noise`).
     * ``reference`` (B|1, 16, h, w): the encoded reference image; its tokens follow the noisy tokens and
-      stay fixed. ``None`` is text-to-image (v1.1).
+      stay fixed. ``None`` is text-to-image.
     * ``cond`` / ``uncond``: the two sides of true CFG, run as one [cond, uncond] batch (or one after the
-      other with ``sequential_cfg``, which halves activation memory). ``uncond=None`` disables CFG.
+      other with ``sequential_cfg``, which halves activation memory). ``uncond=None`` disables CFG. For
+      v1.2, a list of per-row conditionings may be given (prompts of different lengths).
+    * ``rules``: the sampler (see :mod:`.rules`); by default the one the model's version was published with.
+      Under the v1.2 rules every DiT call is one image row and one side (``sequential_cfg`` is implied):
+      rows of a batch are sampled exactly as if each were run alone (the v1.2 reference accepts batch 1
+      only), and cond and uncond may have different lengths.
+    * ``renorm_threshold`` / ``renorm_power``: the renorm of the CFG difference (``max(norm, 1) ** power``)
+      applies while the time exceeds the threshold, on the scale ``rules`` give (see
+      :attr:`.rules.SamplerRules.renorm_time_scale`).
     * ``strength`` < 1 starts from ``init_latent`` (or the reference when none is given) at the official
-      start index. ``keep_mask`` (B|1, 1, h, w), 1 where editing is allowed: outside it each step is reset
-      to the reference noised to the current time, so the result keeps the reference there.
+      start index; ``strength`` 0 returns that start point unchanged. ``keep_mask`` (B|1, 1, h, w), 1 where
+      editing is allowed: outside it each step is reset to the reference noised to the current time, so the
+      result keeps the reference there.
     * ``connector``: the function from (llm_embedding, t_vec, mask) to (txt, y); defaults to the model's.
     * ``teacache`` > 0 skips the transformer blocks on steps whose input barely changed (the official
       TeaCache; 0.2 is the official default threshold; results differ from a full run).
@@ -238,8 +300,10 @@ def denoise(
             )
     connector = connector or model.connector
     version = model.params.version
+    rules = rules or rules_for(version)
+    n_tokens = (h // 2) * (w // 2)
     if timesteps is None:
-        timesteps = get_schedule(steps, (h // 2) * (w // 2), shift=True)
+        timesteps = rules.schedule(steps, n_tokens)
     timesteps = timesteps[start_index(len(timesteps) - 1, strength):]
 
     x = noise.to(device=device, dtype=compute_dtype)
@@ -248,6 +312,8 @@ def denoise(
         if start is None:
             raise ValueError("denoise strength below 1 needs an init latent or a reference image to start from")
         start = _batch(start, batch, "init latent").to(device)
+        if len(timesteps) == 1:  # strength 0: no step to take; the start point is the result, untouched
+            return start.float().clone()
         t0 = timesteps[0]
         x = t0 * x + (1.0 - t0) * start.to(x.dtype)
     mask = None
@@ -258,38 +324,30 @@ def denoise(
         noise_f = noise.to(device=device, dtype=torch.float32)
         ref_f = reference.float()
 
-    n_tokens = (h // 2) * (w // 2)
     img_ids = position_ids(batch, h // 2, w // 2)
     if reference is not None:
-        img_ids = torch.cat([img_ids, position_ids(batch, h // 2, w // 2, reference_id_base(version))], dim=1)
+        img_ids = torch.cat([img_ids, reference_ids(batch, h // 2, w // 2, version, rules)], dim=1)
+    total = len(timesteps) - 1
+    calls = _plan_calls(model, rules, cond, uncond, batch, img_ids, device, compute_dtype, sequential_cfg,
+                        teacache, total)
     use_cfg = uncond is not None
-    sides = [cond.expand(batch)] + ([uncond.expand(batch)] if use_cfg else [])
-    llm = torch.cat([s.llm_embedding for s in sides]).to(device=device, dtype=compute_dtype)
-    txt_mask = torch.cat([s.mask for s in sides]).to(device)
-    img_ids = img_ids.repeat(len(sides), 1, 1)
-    txt_ids = torch.zeros(llm.shape[0], llm.shape[1], 3)
-    pe = model.rope(torch.cat([txt_ids, img_ids], dim=1).to(device))
-    txt_ids, img_ids = txt_ids.to(device), img_ids.to(device)
 
-    with autocast_for(device, compute_dtype):
+    with autocast_for(device, compute_dtype) if rules.autocast else contextlib.nullcontext():
         img = pack(x)
         ref_tokens = None
         if reference is not None:
             ref_tokens = pack(reference).to(device=device, dtype=compute_dtype)
             img = torch.cat([img, ref_tokens], dim=1)
-        total = len(timesteps) - 1
-        caches = _caches(teacache, total, sequential_cfg and use_cfg)
         for i in range(total):
             t_curr, t_prev = timesteps[i], timesteps[i + 1]
-            if use_cfg and img.shape[0] == batch:
-                img = torch.cat([img, img], dim=0)
-            t_vec = torch.full((img.shape[0],), t_curr, dtype=img.dtype, device=device)
-            pred = _predict(model, connector, img, img_ids, txt_ids, t_vec, llm, txt_mask, pe, sequential_cfg, batch,
-                            caches)
-            pred = pred[:, :n_tokens]
+            sides = _predict(model, connector, rules, img, t_curr, calls, use_cfg)
+            pred = [side[:, :n_tokens] for side in sides]
             if use_cfg:
-                pred = guidance(pred[:batch], pred[batch:], cfg_scale, t_curr, renorm_threshold)
-            latent = img[:batch, :n_tokens] + (t_prev - t_curr) * pred
+                renorm = rules.renorm_active(t_curr, renorm_threshold)
+                pred = guidance(pred[0], pred[1], cfg_scale, renorm, renorm_power)
+            else:
+                pred = pred[0]
+            latent = rules.euler(img[:, :n_tokens], pred, t_curr, t_prev)
             if mask is not None:
                 latent = _keep_outside_mask(latent, mask, noise_f, ref_f, t_prev, h, w)
             img = latent if ref_tokens is None else torch.cat([latent, ref_tokens], dim=1)
@@ -297,29 +355,97 @@ def denoise(
                 current = latent.float()
                 denoised = unpack(current - t_prev * pred.float(), h, w)
                 callback(StepInfo(i, total, t_curr, t_prev, unpack(current, h, w), denoised))
-    return unpack(img[:batch, :n_tokens].float(), h, w)
+    return unpack(img[:, :n_tokens].float(), h, w)
 
 
-def _predict(model, connector, img, img_ids, txt_ids, t_vec, llm, txt_mask, pe, sequential: bool, batch: int,
-             caches: list[TeaCache | None]):
-    """One DiT evaluation over the whole [cond; uncond] batch, or one half at a time. The tensor arguments
-    hold one row per row of ``img``."""
-    rows = img.shape[0]
-    if not sequential or rows == batch:
-        txt, y = connector(llm, t_vec, txt_mask)
-        return model.transformer(img, img_ids, txt_ids, t_vec, txt, y, pe, cache=caches[0])
-    outs = []
-    for half, lo in enumerate(range(0, rows, batch)):
-        sl = slice(lo, lo + batch)
-        txt, y = connector(llm[sl], t_vec[sl], txt_mask[sl])
-        outs.append(model.transformer(img[sl], img_ids[sl], txt_ids[sl], t_vec[sl], txt, y, pe[sl], cache=caches[half]))
-    return torch.cat(outs, dim=0)
+@dataclass
+class _Call:
+    """One DiT evaluation per step: the image rows it takes, the CFG sides stacked in its batch (cond is 0,
+    uncond 1), and its text (one row per row of its batch)."""
+
+    rows: slice
+    sides: tuple[int, ...]
+    llm: Tensor
+    mask: Tensor
+    txt_ids: Tensor
+    img_ids: Tensor
+    pe: Tensor
+    text_embeds: Tensor | None = None
+    text_mask: Tensor | None = None
+    cache: TeaCache | None = None
 
 
-def _caches(threshold: float, total: int, per_half: bool) -> list[TeaCache | None]:
-    if not threshold:
-        return [None, None]
-    return [TeaCache(threshold, total) for _ in range(2 if per_half else 1)] + ([] if per_half else [None])
+def _plan_calls(model, rules: SamplerRules, cond, uncond, batch: int, img_ids: Tensor, device, dtype,
+                sequential: bool, teacache: float, total: int) -> list[_Call]:
+    """The DiT calls of one step. Official: one [cond; uncond] batch (text zero-positioned and padded alike),
+    or one call per side; v1.2: one call per image row and side, each with its own text length."""
+    sides = [cond] + ([uncond] if uncond is not None else [])
+    if rules.separate_cfg:
+        return [_call(model, slice(r, r + 1), (s,), [_row(sides[s], r, batch)], img_ids[r:r + 1], device, dtype,
+                      teacache, total) for r in range(batch) for s in range(len(sides))]
+    for side in sides:
+        if isinstance(side, (list, tuple)) or side.is_v12:
+            if model.params.version == "v1.2":
+                raise ValueError(
+                    f"the {rules.name} sampler rules run cond and uncond as one padded batch without text positions; "
+                    "a v1.2 conditioning needs rules with separate calls (step1x.sampling.rules.V12)"
+                )
+            raise ValueError(
+                "this conditioning carries v1.2 text positions/embeddings (or one entry per row), but the DiT is "
+                f"Step1X-Edit {model.params.version}; encode the instruction with the encoder of that version"
+            )
+    expanded = [side.expand(batch) for side in sides]
+    if sequential and len(sides) > 1:
+        return [_call(model, slice(0, batch), (s,), [expanded[s]], img_ids, device, dtype, teacache, total)
+                for s in range(len(sides))]
+    return [_call(model, slice(0, batch), tuple(range(len(sides))), expanded, img_ids.repeat(len(sides), 1, 1),
+                  device, dtype, teacache, total)]
+
+
+def _row(side: Conditioning, r: int, batch: int) -> TextConditioning:
+    if isinstance(side, (list, tuple)):
+        if len(side) not in (1, batch):
+            raise ValueError(f"{len(side)} conditionings given for {batch} images; give 1 or {batch}")
+        side = side[r if len(side) > 1 else 0]
+    if side.llm_embedding.shape[0] not in (1, batch):
+        raise ValueError(
+            f"conditioning holds {side.llm_embedding.shape[0]} prompts but the batch has {batch} images; give 1 or "
+            f"{batch}")
+    return side.row(r)
+
+
+def _call(model, rows: slice, sides: tuple[int, ...], texts: list[TextConditioning], img_ids: Tensor, device, dtype,
+          teacache: float, total: int) -> _Call:
+    llm = torch.cat([t.llm_embedding for t in texts]).to(device=device, dtype=dtype)
+    ids = [t._ids() for t in texts]
+    if any(i is None for i in ids):
+        txt_ids = torch.zeros(llm.shape[0], llm.shape[1], 3)
+    else:
+        txt_ids = torch.cat([i.to(torch.float32) for i in ids])
+    embeds = [t.text_embeds for t in texts]
+    text_embeds = None if embeds[0] is None else torch.cat(embeds).to(device=device, dtype=dtype)
+    text_mask = None if texts[0].text_mask is None else torch.cat([t.text_mask for t in texts]).to(device)
+    img_ids = img_ids.cpu()
+    pe = model.rope(torch.cat([txt_ids.expand(img_ids.shape[0], -1, -1), img_ids], dim=1).to(device))
+    return _Call(rows, sides, llm, torch.cat([t.mask for t in texts]).to(device), txt_ids.to(device),
+                 img_ids.to(device), pe, text_embeds, text_mask, TeaCache(teacache, total) if teacache else None)
+
+
+def _predict(model, connector, rules: SamplerRules, img: Tensor, t_curr: float, calls: list[_Call],
+             use_cfg: bool) -> list[Tensor]:
+    """The model's output for every image row, per CFG side: [cond] or [cond, uncond], each (B, tokens, C)."""
+    per_side: list[list[tuple[int, Tensor]]] = [[] for _ in range(2 if use_cfg else 1)]
+    for call in calls:
+        x = img[call.rows]
+        if len(call.sides) > 1:
+            x = torch.cat([x] * len(call.sides), dim=0)
+        t_vec = rules.dit_time(t_curr, x.shape[0], img.dtype, img.device)
+        txt, y = connector(call.llm, t_vec, call.mask)
+        txt = model.map_text_tokens(txt, call.text_embeds, call.text_mask)
+        out = model.transformer(x, call.img_ids, call.txt_ids, t_vec, txt, y, call.pe, cache=call.cache)
+        for side, part in zip(call.sides, out.chunk(len(call.sides), dim=0), strict=True):
+            per_side[side].append((call.rows.start, part))
+    return [torch.cat([part for _, part in sorted(parts, key=lambda p: p[0])], dim=0) for parts in per_side]
 
 
 def _keep_outside_mask(latent_tokens, mask, noise, reference, t: float, h: int, w: int):
