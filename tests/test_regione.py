@@ -324,11 +324,11 @@ def test_denoise_with_regione_is_regione_denoise(tiny_dit, tiny_text):
     assert torch.equal(a, _regione(tiny_dit, tiny_text, noise, reference, steps=8))
 
 
-def test_v12_conditioning_is_refused_for_now(tiny_dit, tiny_text):
+def test_a_v12_conditioning_on_a_v11_dit_is_refused_as_by_the_plain_sampler(tiny_dit, tiny_text):
     noise, reference = constructed_edit()
     cond, uncond = tiny_text
     v12 = TextConditioning(cond.llm_embedding, cond.mask, txt_ids=torch.zeros(1, 24, 3))
-    with pytest.raises(ValueError, match="v1.0 and v1.1 for now"):
+    with pytest.raises(ValueError, match="carries v1.2 text positions.*but the DiT is Step1X-Edit v1.1"):
         _regione(tiny_dit, (v12, uncond), noise, reference)
 
 

@@ -1,10 +1,11 @@
 """RegionE reproduces the reference run on the tiny v1.1 DiT (fp32, 28 steps, the reference defaults).
 
-The reference ran on the diffusers v1.1 pipeline, whose renorm compares 0-1000 timesteps with 0.93 (always
-on: ``renorm_threshold=0`` here) and whose scheduler computes the sigmas in numpy float32 (passed as
-``timesteps``). Decisions must be identical; tensors agree within 1e-5, velocities within 2e-5: a velocity is
-``uncond + 6 * (cond - uncond) / renorm``, which scales up the 4e-6 by which the official and the diffusers
-DiT forwards differ on the same weights."""
+The reference ran on the diffusers v1.1 pipeline: RegionE samples under its rules (``DIFFUSERS_V11``: numpy
+float32 sigmas, DiT time ``float32(sigma * 1000) / 1000``, renorm while the 0-1000 timestep exceeds 0.93, so
+always; float32 Euler steps; one [cond; uncond] batch; reference ids ``(1, row + 1, col + 1)``). Decisions must
+be identical; tensors agree within 1e-5, velocities within 2e-5: a velocity is ``uncond + 6 * (cond - uncond)
+/ renorm``, which scales up the few 1e-6 by which the official and the diffusers DiT forwards differ on the same
+weights."""
 
 import json
 
@@ -16,6 +17,7 @@ from step1x.checkpoints.loading import load_dit
 from step1x.sampling.denoise import TextConditioning, denoise, get_schedule, pack, unpack
 from step1x.sampling.regione import RegionETrace, regione_denoise
 from step1x.sampling.regione_rules import decay_table, timesteps_1000
+from step1x.sampling.rules import DIFFUSERS_V11
 
 ATOL = 1e-5
 VELOCITY_ATOL = 2e-5
@@ -40,8 +42,7 @@ def _sample(case, sampler, **kwargs):
     io, _, model, cond, uncond = case
     with torch.no_grad():
         return sampler(model, unpack(io["in.noise_packed"], 32, 32), cond, uncond, reference=io["in.ref_latent"],
-                       renorm_threshold=0.0, compute_dtype=torch.float32,
-                       timesteps=io["sched.sigmas"].tolist(), **kwargs)
+                       compute_dtype=torch.float32, rules=DIFFUSERS_V11, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +52,13 @@ def run(case):
     return latent, trace.rows[0], trace
 
 
-def test_the_schedule_is_the_samplers_schedule_and_the_decision_times_are_the_references(regione_dir):
+def test_the_schedule_and_the_decision_times_are_the_references(regione_dir):
     io = load_file(regione_dir / "regione_main.safetensors")
     assert torch.equal(io["sched.sigmas"], io["plain.sigmas"])
+    assert DIFFUSERS_V11.schedule(28, 256) == io["sched.sigmas"].tolist()
     assert (io["sched.sigmas"] - torch.tensor(get_schedule(28, 256))).abs().max() <= 6e-8  # one float32 rounding
     assert torch.equal(timesteps_1000(io["sched.sigmas"]), io["sched.timesteps"])
+    assert all(DIFFUSERS_V11.renorm_active(s, 0.93) for s in io["sched.sigmas"][:-1].tolist())
 
 
 def test_the_decay_tables_are_the_reference_tables(regione_dir):
@@ -111,11 +114,12 @@ def test_kv_cache_use_per_step(case, run):
             assert mine.kv is None and mine.token_evals == 0
             continue
         blocks = ref["dit_forward"]["kv_per_block"]
-        assert {b["mode"] for b in blocks} == {mine.kv["mode"]}, mine.step
-        if mine.kv["mode"] != "full_no_cache":
-            assert mine.kv["cache_rows"] == (blocks[0]["cache_rows"], blocks[-1]["cache_rows"])
-        if mine.kv["mode"] == "partial_update":
-            assert mine.kv["rows_recomputed"] == (blocks[0]["rows_recomputed_k"], blocks[-1]["rows_recomputed_k"])
+        (kv,) = mine.kv  # cond and uncond are one batch with one cache
+        assert {b["mode"] for b in blocks} == {kv["mode"]}, mine.step
+        if kv["mode"] != "full_no_cache":
+            assert kv["cache_rows"] == (blocks[0]["cache_rows"], blocks[-1]["cache_rows"])
+        if kv["mode"] == "partial_update":
+            assert kv["rows_recomputed"] == (blocks[0]["rows_recomputed_k"], blocks[-1]["rows_recomputed_k"])
 
 
 def test_kv_cache_contents_after_the_fill_and_the_first_update(case, run):

@@ -274,7 +274,8 @@ def denoise(
       TeaCache; 0.2 is the official default threshold; results differ from a full run).
     * ``callback`` runs after every step; raising from it stops sampling (cancel).
     * ``regione`` (a :class:`~step1x.sampling.regione_rules.RegionEConfig`): sample with RegionE, which computes
-      only the edited region after a few full steps (see :mod:`step1x.sampling.regione`); not with TeaCache.
+      only the edited region after a few full steps (see :mod:`step1x.sampling.regione`), under the same
+      ``rules``; not with TeaCache.
     """
     if regione is not None:
         if teacache:
@@ -284,9 +285,9 @@ def denoise(
 
         return regione_denoise(
             model, noise, cond, uncond, config=regione, reference=reference, steps=steps, cfg_scale=cfg_scale,
-            renorm_threshold=renorm_threshold, strength=strength, init_latent=init_latent, keep_mask=keep_mask,
-            compute_dtype=compute_dtype, device=device, connector=connector, sequential_cfg=sequential_cfg,
-            timesteps=timesteps, callback=callback,
+            renorm_threshold=renorm_threshold, renorm_power=renorm_power, strength=strength, init_latent=init_latent,
+            keep_mask=keep_mask, compute_dtype=compute_dtype, device=device, connector=connector,
+            sequential_cfg=sequential_cfg, timesteps=timesteps, callback=callback, rules=rules,
         )
     device = device or noise.device
     batch, channels, h, w = noise.shape

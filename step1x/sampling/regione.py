@@ -13,10 +13,14 @@ Per run of ``n`` steps (reference: 28, warm-up 6, refresh 16, post 2):
   (the partition is kept); the post steps are full steps to the end.
 
 A batch runs row by row, each row with its own partition: every row gives what it gives when run alone.
+Schedule, DiT time, CFG layout, renorm condition, Euler precision and reference positions follow the sampler
+rules (:mod:`.rules`) as in the plain sampler: under the v1.2 rules cond and uncond are separate passes, each
+with its own text (length and positions) and its own K/V cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,16 +29,19 @@ from torch import Tensor
 
 from .denoise import (
     LATENT_CHANNELS,
+    Conditioning,
     Connector,
     StepInfo,
     TextConditioning,
     _batch,
+    _Call,
+    _plan_calls,
+    _row,
     autocast_for,
-    get_schedule,
+    guidance,
     pack,
     position_ids,
-    reference_id_base,
-    renorm_divisor,
+    reference_ids,
     start_index,
     unpack,
 )
@@ -51,6 +58,7 @@ from .regione_rules import (
     partition,
     plan_steps,
 )
+from .rules import SamplerRules, rules_for
 
 __all__ = ["RegionEConfig", "RegionETrace", "regione_denoise"]
 
@@ -68,9 +76,9 @@ class StepRecord:
     kind: str
     decision: CacheDecision
     token_evals: int = 0
-    kv: dict | None = None
-    """K/V cache use of the first pass: ``mode`` ("full_no_cache", "fill", "partial_update"), ``cache_rows``
-    and ``rows_recomputed`` as (double blocks, single blocks)."""
+    kv: list[dict] | None = None
+    """K/V cache use per DiT pass (cond first; one pass for a [cond; uncond] batch): ``mode`` ("full_no_cache",
+    "fill", "partial_update"), ``cache_rows`` and ``rows_recomputed`` as (double blocks, single blocks)."""
     cache_source: int | None = None
     cache_gathered: bool = False
     velocity: Tensor | None = None
@@ -129,86 +137,82 @@ class RegionETrace:
 
 @dataclass
 class _Pass:
-    """One DiT evaluation per computed step: a CFG side, or both sides as one batch, with its own cache."""
+    """One DiT evaluation per computed step (a planned call of the plain sampler: one CFG side, or both sides as
+    one batch) with its own K/V cache."""
 
-    llm: Tensor
-    mask: Tensor
-    txt_ids: Tensor
-    pe: Tensor
+    call: _Call
     cache: KVCache = field(default_factory=KVCache)
 
     @property
     def rows(self) -> int:
-        return self.llm.shape[0]
+        return len(self.call.sides)
 
     @property
     def txt_len(self) -> int:
-        return self.llm.shape[1]
+        return self.call.llm.shape[1]
 
 
 class _Row:
-    """The DiT side of one batch row: its passes, the reference tokens and the position ids. (v1.2 will run
-    each CFG side as its own pass, with its own text length and text positions.)"""
+    """The DiT side of one batch row: its passes (the plain sampler's calls for this row), the reference tokens
+    and the position ids of [noise; reference]."""
 
-    def __init__(self, model, connector: Connector, sides: list[TextConditioning], reference: Tensor,
-                 grid: tuple[int, int], sequential: bool, dtype: torch.dtype, device: torch.device):
-        self.model, self.connector, self.dtype = model, connector, dtype
-        self.n_sides = len(sides)
+    def __init__(self, model, connector: Connector, rules: SamplerRules, cond: Conditioning,
+                 uncond: Conditioning | None, reference: Tensor, grid: tuple[int, int], sequential: bool,
+                 dtype: torch.dtype, device: torch.device):
+        self.model, self.connector, self.rules = model, connector, rules
+        self.n_sides = 1 if uncond is None else 2
         self.reference = reference
         rows, cols = grid
-        self.ids = torch.cat(
-            [position_ids(1, rows, cols), position_ids(1, rows, cols, reference_id_base(model.params.version))], 1
-        ).to(device)
-        groups = [[s] for s in sides] if sequential else [sides]
-        self.passes = []
-        for group in groups:
-            llm = torch.cat([s.llm_embedding for s in group]).to(device=device, dtype=dtype)
-            mask = torch.cat([s.mask for s in group]).to(device)
-            txt_ids = torch.zeros(1, llm.shape[1], 3, device=device)
-            pe = model.rope(torch.cat([txt_ids, self.ids], dim=1))
-            self.passes.append(_Pass(llm, mask, txt_ids, pe))
+        ids = torch.cat([position_ids(1, rows, cols), reference_ids(1, rows, cols, model.params.version, rules)], 1)
+        self.passes = [_Pass(call) for call in
+                       _plan_calls(model, rules, cond, uncond, 1, ids, device, dtype, sequential, 0.0, 0)]
 
     def forward(self, tokens: Tensor, t: float, *, fill: bool = False, edited: Tensor | None = None
-                ) -> tuple[Tensor, int, dict]:
-        """Predictions (sides, fed noise tokens, 64), the token evaluations spent and the K/V use. ``edited``
-        None: all tokens with the reference tokens (``fill`` fills the caches); else a region step on ``edited``."""
+                ) -> tuple[Tensor, int, list[dict]]:
+        """Predictions (sides, fed noise tokens, 64), the token evaluations spent and the K/V use per pass.
+        ``edited`` None: all tokens with the reference tokens (``fill`` fills the caches); else a region step
+        on ``edited``."""
         n_img = tokens.shape[1]
         if edited is not None and n_img == 0:
-            return tokens.new_zeros(self.n_sides, 0, tokens.shape[-1]), 0, {"mode": "none"}
-        outs, work = [], 0
+            return tokens.new_zeros(self.n_sides, 0, tokens.shape[-1]), 0, [{"mode": "none"}] * len(self.passes)
+        outs: list[Tensor | None] = [None] * self.n_sides
+        work, kv = 0, []
         for p in self.passes:
+            call = p.call
             if edited is None:
                 img = torch.cat([tokens, self.reference], dim=1)
-                ids, pe = self.ids, p.pe
+                ids, pe = call.img_ids, call.pe
                 blocks = RegionPass(p.cache) if fill else None
             else:
                 img = tokens
-                ids = self.ids[:, edited]
+                ids = call.img_ids[:, edited]
                 fed = torch.cat([torch.arange(p.txt_len, device=edited.device), edited + p.txt_len])
-                pe = RegionRope(p.pe[:, :, fed], p.pe)
+                pe = RegionRope(call.pe[:, :, fed], call.pe)
                 blocks = RegionPass(p.cache, edited)
             img = img.expand(p.rows, -1, -1)
-            t_vec = torch.full((p.rows,), t, dtype=img.dtype, device=img.device)
-            txt, y = self.connector(p.llm, t_vec, p.mask)
-            out = self.model.transformer(img, ids.expand(p.rows, -1, -1), p.txt_ids.expand(p.rows, -1, -1), t_vec,
-                                         txt, y, pe, blocks=blocks)
-            outs.append(out[:, :n_img])
+            t_vec = self.rules.dit_time(t, p.rows, img.dtype, img.device)
+            txt, y = self.connector(call.llm, t_vec, call.mask)
+            txt = self.model.map_text_tokens(txt, call.text_embeds, call.text_mask)
+            out = self.model.transformer(img, ids, call.txt_ids, t_vec, txt, y, pe, blocks=blocks)
+            for side, part in zip(call.sides, out.chunk(p.rows, dim=0), strict=True):
+                outs[side] = part[:, :n_img]
             work += p.rows * (p.txt_len + img.shape[1])
-        return torch.cat(outs), work, self._kv_use(fill, edited)
-
-    def _kv_use(self, fill: bool, edited: Tensor | None) -> dict:
-        if edited is None and not fill:
-            return {"mode": "full_no_cache"}
-        p = self.passes[0]
-        rows = (p.cache.double[0].k.shape[1] if p.cache.double else 0,
-                p.cache.single[0].k.shape[1] if p.cache.single else 0)
-        if edited is None:
-            return {"mode": "fill", "cache_rows": rows}
-        return {"mode": "partial_update", "cache_rows": rows,
-                "rows_recomputed": (edited.numel(), p.txt_len + edited.numel())}
+            kv.append(_kv_use(p, fill, edited))
+        return torch.cat(outs), work, kv
 
     def plain_work(self, n_tokens: int) -> int:
         return sum(p.rows * (p.txt_len + 2 * n_tokens) for p in self.passes)
+
+
+def _kv_use(p: _Pass, fill: bool, edited: Tensor | None) -> dict:
+    if edited is None and not fill:
+        return {"mode": "full_no_cache"}
+    cache = p.cache
+    rows = (cache.double[0].k.shape[1] if cache.double else 0, cache.single[0].k.shape[1] if cache.single else 0)
+    if edited is None:
+        return {"mode": "fill", "cache_rows": rows}
+    return {"mode": "partial_update", "cache_rows": rows,
+            "rows_recomputed": (edited.numel(), p.txt_len + edited.numel())}
 
 
 # ---------------------------------------------------------------------------------------------- sampler
@@ -217,14 +221,15 @@ class _Row:
 def regione_denoise(
     model,
     noise: Tensor,
-    cond: TextConditioning,
-    uncond: TextConditioning | None,
+    cond: Conditioning,
+    uncond: Conditioning | None,
     *,
     config: RegionEConfig | None = None,
     reference: Tensor | None = None,
     steps: int = 28,
     cfg_scale: float = 6.0,
     renorm_threshold: float = 0.93,
+    renorm_power: float = 0.4,
     strength: float = 1.0,
     init_latent: Tensor | None = None,
     keep_mask: Tensor | None = None,
@@ -234,10 +239,12 @@ def regione_denoise(
     sequential_cfg: bool = False,
     timesteps: list[float] | None = None,
     callback: Callable[[StepInfo], None] | None = None,
+    rules: SamplerRules | None = None,
     trace: RegionETrace | None = None,
 ) -> Tensor:
-    """:func:`~step1x.sampling.denoise.denoise` with RegionE; the same arguments, plus ``config`` (defaults:
-    the reference settings) and ``trace``. Needs a reference image (RegionE compares the result with it).
+    """:func:`~step1x.sampling.denoise.denoise` with RegionE; the same arguments (``rules`` as there: by default
+    the sampler the model's version was published with), plus ``config`` (defaults: the reference settings) and
+    ``trace``. Needs a reference image (RegionE compares the result with it).
 
     ``keep_mask`` keeps the reference outside the mask as the plain sampler does; tokens wholly outside it
     are never edited, and ``config.region == "mask"`` makes the mask's tokens the edited region."""
@@ -245,8 +252,6 @@ def regione_denoise(
     if reference is None:
         raise ValueError("RegionE edits a reference image (it finds the region that changes by comparing with it); "
                          "for text-to-image turn RegionE off")
-    if _decay_version(model) == "v1.2" or isinstance(cond, (list, tuple)) or cond.txt_ids is not None:
-        raise ValueError("RegionE supports Step1X-Edit v1.0 and v1.1 for now; sample v1.2 without RegionE")
     if config.region == "mask" and keep_mask is None:
         raise ValueError('RegionE region "mask" takes the edited region from a mask: give a mask, or use region '
                          '"similarity"')
@@ -259,15 +264,18 @@ def regione_denoise(
         raise ValueError(
             f"reference latent is {tuple(reference.shape[-2:])} but the noise is {(h, w)}; they must match")
     connector = connector or model.connector
+    version = model.params.version
+    rules = rules or rules_for(version)
     n_tokens = (h // 2) * (w // 2)
     if timesteps is None:
-        timesteps = get_schedule(steps, n_tokens, shift=True)
-    full_steps = len(timesteps) - 1
-    timesteps = timesteps[start_index(full_steps, strength):]
+        timesteps = rules.schedule(steps, n_tokens)
+    timesteps = timesteps[start_index(len(timesteps) - 1, strength):]
 
     x = noise.to(device=device, dtype=compute_dtype)
     if strength < 1.0 or init_latent is not None:
         start = _batch(init_latent if init_latent is not None else reference, batch, "init latent").to(device)
+        if len(timesteps) == 1:  # strength 0: no step to take, as in the plain sampler
+            return start.float().clone()
         x = timesteps[0] * x + (1.0 - timesteps[0]) * start.to(x.dtype)
     keep = None if keep_mask is None else _batch(keep_mask, batch, "mask").to(device=device, dtype=torch.float32)
 
@@ -275,32 +283,57 @@ def regione_denoise(
     n = len(timesteps) - 1
     plan = plan_steps(config, n)
     exact = n == REFERENCE_STEPS and timesteps[0] == 1.0  # the table indexes the steps of a 28-step run from noise
-    reference_sigmas = None if exact else torch.tensor(get_schedule(REFERENCE_STEPS, n_tokens), dtype=torch.float32)
-    ratios = DecayRatios(decay_table(_decay_version(model)), sigmas, reference_sigmas)
-    sides = [cond.expand(batch)] + ([uncond.expand(batch)] if uncond is not None else [])
+    reference_sigmas = None if exact else torch.tensor(rules.schedule(REFERENCE_STEPS, n_tokens), dtype=torch.float32)
+    ratios = DecayRatios(decay_table(version), sigmas, reference_sigmas)
+    cfg = _CFG(rules, cfg_scale, renorm_threshold, renorm_power)
 
     out = []
-    with autocast_for(device, compute_dtype):
+    with autocast_for(device, compute_dtype) if rules.autocast else contextlib.nullcontext():
         for b in range(batch):
-            row = _Row(model, connector, [_row_of(s, b) for s in sides], pack(reference[b:b + 1]).to(compute_dtype),
+            row_cond, row_uncond = (_row_conditioning(rules, side, b, batch) for side in (cond, uncond))
+            row = _Row(model, connector, rules, row_cond, row_uncond, pack(reference[b:b + 1]).to(compute_dtype),
                        (h // 2, w // 2), sequential_cfg, compute_dtype, device)
             record = RowTrace(plan)
             if trace is not None:
                 trace.rows.append(record)
             keep_row = None if keep is None else _Keep(keep[b:b + 1], noise[b:b + 1], reference[b:b + 1])
             progress = None if callback is None else _Progress(callback, b, batch, n, h, w)
-            tokens = _sample_row(row, pack(x[b:b + 1]), sigmas, plan, ratios, config, cfg_scale, renorm_threshold,
-                                 keep_row, (h // 2, w // 2), record, trace, progress)
+            tokens = _sample_row(row, pack(x[b:b + 1]), sigmas, plan, ratios, config, cfg, keep_row,
+                                 (h // 2, w // 2), record, trace, progress)
             out.append(unpack(tokens.float(), h, w))
     return torch.cat(out)
 
 
-def _decay_version(model) -> str:
-    return getattr(model.params, "version", "v1.1")
+def _row_conditioning(rules: SamplerRules, side: Conditioning | None, b: int, batch: int) -> Conditioning | None:
+    """Row ``b`` of one CFG side, as the plain sampler's calls take it: under separate-call rules trimmed to its
+    valid tokens (:meth:`TextConditioning.row`); otherwise the padded row (a list, or a v1.2 conditioning, goes
+    on to be refused there with its reason)."""
+    if side is None:
+        return None
+    if rules.separate_cfg:
+        return _row(side, b, batch)
+    if isinstance(side, (list, tuple)):
+        return side
+    side = side.expand(batch)
+    pick = (lambda t: None if t is None else t[b:b + 1])  # noqa: E731
+    return TextConditioning(pick(side.llm_embedding), pick(side.mask), pick(side._ids()), pick(side.text_embeds),
+                            pick(side.text_mask))
 
 
-def _row_of(side: TextConditioning, b: int) -> TextConditioning:
-    return TextConditioning(side.llm_embedding[b:b + 1], side.mask[b:b + 1])
+@dataclass(frozen=True)
+class _CFG:
+    """True CFG as the plain sampler combines the sides under ``rules``."""
+
+    rules: SamplerRules
+    scale: float
+    renorm_threshold: float
+    renorm_power: float
+
+    def __call__(self, pred: Tensor, t: float) -> Tensor:
+        if pred.shape[0] == 1:
+            return pred
+        renorm = self.rules.renorm_active(t, self.renorm_threshold)
+        return guidance(pred[:1], pred[1:], self.scale, renorm, self.renorm_power)
 
 
 class _Keep:
@@ -339,10 +372,11 @@ class _Progress:
 
 
 def _sample_row(row: _Row, x: Tensor, sigmas: Tensor, plan: StepPlan, ratios: DecayRatios, config: RegionEConfig,
-                cfg_scale: float, renorm_threshold: float, keep: _Keep | None, grid: tuple[int, int],
-                record: RowTrace, trace: RegionETrace | None, progress: _Progress | None) -> Tensor:
+                cfg: _CFG, keep: _Keep | None, grid: tuple[int, int], record: RowTrace, trace: RegionETrace | None,
+                progress: _Progress | None) -> Tensor:
     """Sample one row; ``x`` (1, N, 64) packed tokens. Returns the final tokens."""
     cache = VelocityCache(plan, ratios, config.cache_threshold)
+    euler = row.rules.euler
     keep_all = trace is not None and trace.tensors
     n_tokens = x.shape[1]
     n = len(sigmas) - 1
@@ -365,7 +399,7 @@ def _sample_row(row: _Row, x: Tensor, sigmas: Tensor, plan: StepPlan, ratios: De
         if decision.compute:
             pred, step.token_evals, step.kv = row.forward(current, t_curr, fill=kind in ("partition", "refresh"),
                                                  edited=part.edited if region else None)
-            v = pred[:1] if row.n_sides == 1 else _guidance(pred[:1], pred[1:], cfg_scale, t_curr > renorm_threshold)
+            v = cfg(pred, t_curr)
             velocity_cache, cache_step = v, i
         else:
             if velocity_cache.shape[1] != current.shape[1]:
@@ -384,20 +418,20 @@ def _sample_row(row: _Row, x: Tensor, sigmas: Tensor, plan: StepPlan, ratios: De
         if kind in ("partition", "refresh"):
             target = plan.jump_target(i)
             after = torch.empty_like(x)
-            after[:, part.edited] = _euler(x[:, part.edited], v[:, part.edited], s, s_next)
-            after[:, part.unedited] = _euler(x[:, part.unedited], v[:, part.unedited], s, sigmas[target])
+            after[:, part.edited] = euler(x[:, part.edited], v[:, part.edited], t_curr, t_next)
+            after[:, part.unedited] = euler(x[:, part.unedited], v[:, part.unedited], t_curr, float(sigmas[target]))
             if keep is not None:
                 after[:, part.edited] = keep(after[:, part.edited], part.edited, t_next)
                 after[:, part.unedited] = keep(after[:, part.unedited], part.unedited, float(sigmas[target]))
         else:
-            after = _euler(current, v, s, s_next)
+            after = euler(current, v, t_curr, t_next)
             if keep is not None:
                 after = keep(after, part.edited if region else None, t_next)
 
         if keep_all:
             step.velocity, step.latent_after = v.float().clone(), after.float().clone()
             if kind == "region":
-                step.img_ids = row.ids[0, part.edited].clone()
+                step.img_ids = row.passes[0].call.img_ids[0, part.edited].clone()
         for name, kv in _snapshots(row, i, trace, kind):
             record.kv[(i, name)] = kv
         record.steps.append(step)
@@ -419,19 +453,6 @@ def _sample_row(row: _Row, x: Tensor, sigmas: Tensor, plan: StepPlan, ratios: De
             full = x if x is not None else _scatter(edited_x, frozen, part, n_tokens)
             progress(i, t_curr, t_next, full, estimate, part.edited if region else None)
     return x
-
-
-def _guidance(cond: Tensor, uncond: Tensor, scale: float, renorm: bool) -> Tensor:
-    """True CFG of the plain sampler, per token: the difference divided by ``max(||diff||, 1) ** 0.4`` while
-    ``renorm`` (the official rule: ``t > renorm_threshold``)."""
-    diff = cond - uncond
-    if renorm:
-        return uncond + scale * diff / renorm_divisor(torch.norm(diff, dim=2, keepdim=True), k=0.4)
-    return uncond + scale * diff
-
-
-def _euler(x: Tensor, v: Tensor, s: Tensor, s_next: Tensor) -> Tensor:
-    return (x.float() + (s_next - s) * v.float()).to(x.dtype)
 
 
 def _scatter(edited: Tensor, frozen: Tensor, part: Partition, n_tokens: int) -> Tensor:
