@@ -37,3 +37,13 @@ def constructed_edit(rows: int = 12, cols: int = 16, rect=(3, 8, 4, 11), seed: i
     r0, r1, c0, c1 = rect
     noise[:, :, 2 * r0:2 * r1, 2 * c0:2 * c1] = torch.randn(batch, 16, 2 * (r1 - r0), 2 * (c1 - c0), generator=g)
     return noise, reference
+
+
+REGIONE_KINDS = {"full": "full", "full_fill_kv": "partition", "region": "region", "cached": "cached",
+                 "refresh_fill_kv": "refresh"}
+"""The RegionE reference records' step kinds -> :class:`step1x.sampling.regione.StepRecord` kinds."""
+REGIONE_BRANCHES = {"forced": "forced compute", "ratio>=1": "ratio>=1", "error>threshold": "error>cache_threshold",
+                    "reuse": "error<=cache_threshold"}
+"""Velocity-cache branches -> the start of the reference records' branch text."""
+REGIONE_BLOCKS = {"double_blocks.0": "transformer_blocks.0", "single_blocks.0": "single_transformer_blocks.0"}
+"""Our block names -> the reference's (diffusers) names in the K/V snapshots."""

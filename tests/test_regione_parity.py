@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import REGIONE_BLOCKS, REGIONE_BRANCHES, REGIONE_KINDS
 from step1x.checkpoints.loading import load_dit
 from step1x.sampling.denoise import TextConditioning, denoise, get_schedule, pack, unpack
 from step1x.sampling.regione import RegionETrace, regione_denoise
@@ -21,11 +22,6 @@ from step1x.sampling.rules import DIFFUSERS_V11
 
 ATOL = 1e-5
 VELOCITY_ATOL = 2e-5
-KINDS = {"full": "full", "full_fill_kv": "partition", "region": "region", "cached": "cached",
-         "refresh_fill_kv": "refresh"}
-BRANCHES = {"forced": "forced compute", "ratio>=1": "ratio>=1", "error>threshold": "error>cache_threshold",
-            "reuse": "error<=cache_threshold"}
-BLOCKS = {"double_blocks.0": "transformer_blocks.0", "single_blocks.0": "single_transformer_blocks.0"}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +64,7 @@ def test_the_decay_tables_are_the_reference_tables(regione_dir):
 
 def test_step_kinds(case, run):
     _, steps, *_ = case
-    assert run[1].kinds == [KINDS[k] for k in steps["step_kinds"]]
+    assert run[1].kinds == [REGIONE_KINDS[k] for k in steps["step_kinds"]]
 
 
 def test_partition_estimate_and_similarity(case, run):
@@ -96,7 +92,7 @@ def test_every_cache_decision_with_its_inputs(case, run):
     _, steps, *_ = case
     for mine, ref in zip(run[1].steps, steps["steps"], strict=True):
         d, r = mine.decision, ref["cache_decision"]
-        assert r["branch"].startswith(BRANCHES[d.branch]), mine.step
+        assert r["branch"].startswith(REGIONE_BRANCHES[d.branch]), mine.step
         assert d.compute == (not r["should_cache"]), mine.step
         if r["ratio_computed"]:
             assert d.ratio == r["ratio"] and d.inputs == r["ratio_inputs"], mine.step
@@ -126,9 +122,10 @@ def test_kv_cache_contents_after_the_fill_and_the_first_update(case, run):
     io, *_ = case
     row = run[1]
     for (step, name), k in row.kv.items():
-        torch.testing.assert_close(k, io[f"kvcache.step{step:02d}.{BLOCKS[name]}.k_cond"], atol=ATOL, rtol=0)
+        key = f"kvcache.step{step:02d}.{REGIONE_BLOCKS[name]}.k_cond"
+        torch.testing.assert_close(k, io[key], atol=ATOL, rtol=0)
     edited = row.partition.edited
-    changed = {name: torch.nonzero((row.kv[(6, name)] != row.kv[(5, name)]).any(-1))[:, 0] for name in BLOCKS}
+    changed = {name: torch.nonzero((row.kv[(6, name)] != row.kv[(5, name)]).any(-1))[:, 0] for name in REGIONE_BLOCKS}
     assert torch.equal(changed["double_blocks.0"], edited)
     assert torch.equal(changed["single_blocks.0"], torch.cat([torch.arange(24), 24 + edited]))
 
