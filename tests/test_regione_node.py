@@ -1,9 +1,12 @@
 """The RegionE node: a model the sampler runs with RegionE, the input model untouched."""
 
+import importlib
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from node_support import bind, fake_embeds, run_node, sample
+from node_support import PACK_NAME, bind, fake_embeds, lib, run_node, sample
 
 REFERENCE = {"samples": torch.randn(1, 16, 6, 8, generator=torch.Generator().manual_seed(7))}
 DEFAULTS = dict(threshold=0.88, cache_threshold=0.02, warmup_steps=-1, post_steps=-1, refresh_steps="auto",
@@ -65,3 +68,32 @@ def test_the_mask_region_without_a_mask_is_refused_by_the_sampler(pack, dit):
     conditioning = bind(pack, dit, fake_embeds(pack, hidden=dit.model.params.connector.in_channels))
     with pytest.raises(ValueError, match='region "mask" takes the edited region from a mask'):
         sample(pack, _regione(pack, dit, region="mask"), conditioning, reference_latent=REFERENCE)
+
+
+def test_the_samplers_call_runs_regione_on_a_v12_dit(pack, bridge, v12_models, v12_dir):
+    """The node's settings reach RegionE with a v1.2 DiT: the sampler's denoise call gives RegionE's result
+    under the v1.2 rules (cond and uncond with their own lengths)."""
+    load_dit, sampling = lib("checkpoints.loading").load_dit, lib("sampling.denoise")
+    regione_denoise = lib("sampling.regione").regione_denoise
+    sampler = importlib.import_module(f"{PACK_NAME}.nodes.sampler")
+    model = load_dit(v12_models, compute_dtype=torch.float32, operations=bridge.operations())
+    dit = importlib.import_module(f"{PACK_NAME}.nodes.sockets").DiT(
+        bridge.manage(model, torch.device("cpu"), torch.device("cpu")), torch.float32, "v1.2 tiny")
+    fast = _regione(pack, dit)
+    recorded = load_file(v12_dir / "denoise_v12.safetensors")
+
+    def side(name, n):
+        get = lambda key: recorded[f"prompt.{name}.{key}"]  # noqa: E731
+        return sampling.TextConditioning(get("embedding")[:, :n], get("mask")[:, :n], get("txt_ids")[:n],
+                                         get("text_embeds")[:, :n], get("text_masks")[:, :n])
+
+    cond, uncond = side("cond", 40), side("uncond", 25)
+    noise = torch.randn(1, 16, 8, 10, generator=torch.Generator().manual_seed(3))
+    reference = torch.randn(1, 16, 8, 10, generator=torch.Generator().manual_seed(4))
+    kw = dict(reference=reference, init=None, keep=None, steps=10, cfg=6.0, renorm_threshold=0.93, strength=1.0)
+    with torch.no_grad():
+        expected = regione_denoise(model, noise, cond, uncond, reference=reference, steps=10,
+                                   compute_dtype=torch.float32, device=torch.device("cpu"))
+    out = sampler.run(fast, model.connector, noise, cond, uncond, **kw)
+    assert torch.equal(out, lib("graph_io").latent_from_model_space(expected))
+    assert not torch.equal(out, sampler.run(dit, model.connector, noise, cond, uncond, **kw))
