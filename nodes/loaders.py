@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..step1x.checkpoints.loading import load_dit, load_vae
+from ..step1x.encoder import load_text_encoder
+from ..step1x.encoder.tokens import has_tokenizer_files
 from ..step1x.models.attention import backend_names
 from . import _comfy as bridge
 from .sockets import CATEGORY, DIT, MLLM, DiT, Mllm
@@ -22,7 +24,7 @@ class DiTLoader:
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (DIT,)
-    RETURN_NAMES = ("model",)
+    RETURN_NAMES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The Step1X-Edit transformer and connector, managed by ComfyUI's model management.",)
 
     @classmethod
@@ -54,7 +56,7 @@ class MllmLoader:
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (MLLM,)
-    RETURN_NAMES = ("mllm",)
+    RETURN_NAMES = ("MLLM",)
     OUTPUT_TOOLTIPS = ("The multimodal instruction encoder, managed by ComfyUI's model management.",)
 
     @classmethod
@@ -73,9 +75,6 @@ class MllmLoader:
         }}
 
     def load(self, mllm_name, dtype, device):
-        from ..step1x.encoder import load_text_encoder
-        from ..step1x.encoder.tokens import has_tokenizer_files
-
         path = bridge.model_path("text_encoders", mllm_name)
         folder = path if path.is_dir() else path.parent
         tokenizer = None if has_tokenizer_files(folder) else bridge.default_tokenizer_dir()
@@ -100,7 +99,7 @@ class VaeLoader:
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("VAE",)
-    RETURN_NAMES = ("vae",)
+    RETURN_NAMES = ("VAE",)
     OUTPUT_TOOLTIPS = ("A ComfyUI VAE: it also plugs into the built-in VAE Decode and VAE Encode.",)
 
     @classmethod
