@@ -172,3 +172,67 @@ def test_under_dynamic_vram_the_lora_changes_the_edit_and_comes_off_again(in_com
     tensors, _ = in_comfyui
     assert (tensors["on.lora_edit"] - tensors["on.edit"]).abs().max() > 1e-3
     assert torch.equal(tensors["on.edit_after_lora"], tensors["on.edit"])
+
+
+# ------------------------------------------------------------------------------ the API workflow on a server
+
+FORCE_DYNAMIC_VRAM = '''"""Test helper: turns ComfyUI's dynamic VRAM on as ComfyUI's start-up does on an NVIDIA GPU."""
+import logging
+
+import comfy.memory_management
+import comfy.model_patcher
+import comfy.ops
+
+comfy.memory_management.aimdo_enabled = True
+comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+logging.info("dynamic VRAM forced on; ComfyUI's Linear is built lazily: %s",
+             comfy.ops.manual_cast.Linear(2, 2).weight is None)
+NODE_CLASS_MAPPINGS = {}
+'''
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import test_comfyui_server as real
+
+    base = tmp_path_factory.mktemp("comfyui_dynamic_vram_base")
+    real._prepare_base(base)
+    (base / "custom_nodes" / "force_dynamic_vram").mkdir()
+    (base / "custom_nodes" / "force_dynamic_vram" / "__init__.py").write_text(FORCE_DYNAMIC_VRAM, encoding="utf-8")
+    (base / "models" / "loras").mkdir()
+    write_lora(base / "models" / "loras" / "tiny_lora.safetensors", base / "models" / "diffusion_models",
+               real.MODEL_NAMES["dit"])
+    with real.serve(base) as srv:
+        yield srv
+
+
+def _image(server, entry):
+    import numpy as np
+    from PIL import Image
+
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    image = entry["outputs"]["10"]["images"][0]
+    with Image.open(server.base / "output" / image["subfolder"] / image["filename"]) as saved:
+        return np.asarray(saved.convert("RGB"))
+
+
+def test_the_api_workflow_runs_with_dynamic_vram_forced_on(server):
+    import test_comfyui_server as real
+
+    assert "dynamic VRAM forced on; ComfyUI's Linear is built lazily: True" in server.log.read_text(errors="replace")
+    plain = _image(server, server.run(real._api_prompt(**{"7__seed": 3})))
+    assert plain.shape[1::-1] == real.IMAGE_SIZE
+    log = server.log.read_text(errors="replace")
+    assert "Requested to load Step1XEdit" in log and "does not match the model" not in log
+
+
+def test_a_lora_in_the_api_workflow_applies_under_dynamic_vram(server):
+    import test_comfyui_server as real
+
+    prompt = real._api_prompt(**{"7__seed": 3})
+    prompt["20"] = {"class_type": "Step1XEditLoraLoader",
+                    "inputs": {"model": ["1", 0], "lora_name": "tiny_lora.safetensors", "strength": 1.0}}
+    prompt["7"]["inputs"]["model"] = ["20", 0]
+    with_lora = _image(server, server.run(prompt))
+    plain = _image(server, server.run(real._api_prompt(**{"7__seed": 3})))
+    assert (with_lora != plain).any()
