@@ -348,9 +348,22 @@ def _ui_check(server, files, *options) -> dict:
     return json.loads(report.read_text())
 
 
+def _pinned_frontend() -> str | None:
+    """The comfyui-frontend-package version the ComfyUI checkout pins in its requirements.txt."""
+    for line in (Path(COMFYUI) / "requirements.txt").read_text(encoding="utf-8").splitlines():
+        if line.strip().startswith("comfyui-frontend-package=="):
+            return line.split("==", 1)[1].strip()
+    return None
+
+
 @needs_ui_check
 def test_templates_load_in_the_frontend_cleanly_and_read_well_at_their_saved_view(server):
     report = _ui_check(server, template_files(), "--layout", "--templates", PACK_FOLDER)
+    print(f"frontend {report['frontendVersion']} (ComfyUI pins {_pinned_frontend()})")
+    if os.environ.get("STEP1X_FRONTEND_ROOT"):
+        assert report["frontendVersion"] != _pinned_frontend(), "the server did not serve STEP1X_FRONTEND_ROOT"
+    else:
+        assert report["frontendVersion"] == _pinned_frontend()
     workflows = {Path(entry["file"]).name: entry for entry in report["workflows"]}
     assert set(workflows) == {p.name for p in template_files()}
     for name, entry in workflows.items():
