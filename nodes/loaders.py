@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..step1x import encoder as encoder_library  # imported with the nodes, so its errors get the pack's names
 from ..step1x.checkpoints.loading import load_dit, load_vae
-from ..step1x.encoder import load_text_encoder
 from ..step1x.encoder.tokens import has_tokenizer_files
 from ..step1x.models.attention import backend_names
 from . import _comfy as bridge
@@ -80,8 +80,8 @@ class MllmLoader:
         tokenizer = None if has_tokenizer_files(folder) else bridge.default_tokenizer_dir()
         load_device, offload_device = bridge.text_encoder_devices(device)
         compute, keep_fp8 = MLLM_DTYPES[dtype]
-        encoder = load_text_encoder(path, tokenizer_dir=tokenizer, device=offload_device, dtype=compute,
-                                    keep_fp8=keep_fp8)
+        encoder = encoder_library.load_text_encoder(path, tokenizer_dir=tokenizer, device=offload_device,
+                                                    dtype=compute, keep_fp8=keep_fp8)
         return (Mllm(bridge.manage(encoder.model, load_device, offload_device), encoder, mllm_name),)
 
 

@@ -1,8 +1,10 @@
 """The pack under ComfyUI's dynamic VRAM (comfy-aimdo), which current ComfyUI turns on by default on NVIDIA:
 ComfyUI's Linear is then built without weights until a state dict is loaded, and ``CoreModelPatcher`` is the
 dynamic-VRAM patcher. With the mode forced on inside a real ComfyUI (``--cpu --enable-dynamic-vram`` cannot
-start ComfyUI on a machine without a GPU), the DiT, the VAE and the MLLM load through the nodes from lazy
-layers, a LoRA patches the DiT and comes off again, and every result equals the one with the mode off.
+start ComfyUI on a machine without a GPU), the loader nodes build the DiT from lazy layers (every Linear; the
+VAE has none, and the MLLM is built from transformers' own layers), all three load completely and run, a LoRA
+patches the DiT and comes off again, and every result equals the one with the mode off; a server with the mode
+forced on runs the API workflow.
 
 On CPU the dynamic patcher hands the models to a plain ModelPatcher (their load device is the CPU), so
 streaming weights through the dynamic patcher itself is only exercised on an NVIDIA GPU.
