@@ -1,6 +1,7 @@
 """The Step1X-Edit node set. One table gives each node its id (the ``class_type`` saved in workflows) and
 its display name."""
 
+from . import _comfy
 from .conditioning import Connector, InstructionEncode
 from .image import Resize, RestoreSize, VaeDecode, VaeEncode
 from .loaders import DiTLoader, MllmLoader, VaeLoader
@@ -24,6 +25,8 @@ NODE_CONFIG = {
     "Step1XEditResize": {"class": Resize, "name": "Step1X-Edit Resize (size_level)"},
     "Step1XEditRestoreSize": {"class": RestoreSize, "name": "Step1X-Edit Restore Original Size"},
 }
+
+_comfy.name_errors_by_the_pack(__package__.rpartition(".")[0])
 
 NODE_CLASS_MAPPINGS = {node_id: entry["class"] for node_id, entry in NODE_CONFIG.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {node_id: entry["name"] for node_id, entry in NODE_CONFIG.items()}

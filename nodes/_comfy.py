@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -184,6 +185,26 @@ def _quantized_ops(base):
     return _QUANTIZED_OPS[base]
 
 
+# ------------------------------------------------------------------------------------------ error names
+
+
+def name_errors_by_the_pack(package: str) -> None:
+    """Give the error classes of the pack's modules their names relative to the pack folder.
+
+    ComfyUI shows an exception's type as ``type.__module__ + "." + qualname`` (in /history and Show Report),
+    and it imports a custom node folder under the folder's path, so an error would read
+    ``/home/…/custom_nodes/ComfyUI-Step1X-Edit.step1x.checkpoints.safetensors_file.CheckpointError``. After this
+    it reads ``step1x.checkpoints.safetensors_file.CheckpointError``, the name the library has on its own.
+    Covers the modules imported so far: call it once the node modules are imported."""
+    prefix = package + "."
+    for name, module in list(sys.modules.items()):
+        if not name.startswith(prefix) or module is None:
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, type) and issubclass(value, BaseException) and value.__module__ == name:
+                value.__module__ = name[len(prefix):]
+
+
 # ------------------------------------------------------------------------------------ model management
 
 
@@ -226,12 +247,20 @@ class ModuleHolder(torch.nn.Module):
 
 
 def manage(model: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
-    """Register ``model`` with ComfyUI's model management (a ModelPatcher)."""
+    """Register ``model`` with ComfyUI's model management, with the patcher ComfyUI gives its own models."""
     if isinstance(getattr(type(model), "device", None), property):
         model = ModuleHolder(model)
     if IN_COMFYUI:
-        return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+        return patcher_class()(model, load_device=load_device, offload_device=offload_device)
     return HeadlessPatcher(model, load_device, offload_device)
+
+
+def patcher_class():
+    """The patcher ComfyUI wraps its own models in: ``CoreModelPatcher``, which ComfyUI's start-up turns into
+    the dynamic-VRAM patcher when that mode is on (so it is looked up at each call, never cached), or
+    ``ModelPatcher`` in versions that predate it (0.3.x). The dynamic patcher hands a model whose load device
+    is the CPU to a plain ModelPatcher itself, as it does for ComfyUI's own models."""
+    return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
 
 def load(patchers: list, memory_required: int = 0, full: bool = False) -> None:

@@ -28,7 +28,7 @@ class InstructionEncode:
     CATEGORY = CATEGORY
     FUNCTION = "encode"
     RETURN_TYPES = (EMBEDS,)
-    RETURN_NAMES = ("embeddings",)
+    RETURN_NAMES = ("EMBEDDINGS",)
     OUTPUT_TOOLTIPS = ("MLLM embeddings and masks for the instruction and the negative prompt.",)
 
     @classmethod
@@ -86,7 +86,7 @@ class Connector:
     CATEGORY = CATEGORY
     FUNCTION = "bind"
     RETURN_TYPES = (CONDITIONING,)
-    RETURN_NAMES = ("conditioning",)
+    RETURN_NAMES = ("CONDITIONING",)
     OUTPUT_TOOLTIPS = ("Conditioning for the Step1X-Edit sampler (embeddings + the DiT's connector).",)
 
     @classmethod

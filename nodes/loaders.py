@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..step1x import encoder as encoder_library  # imported with the nodes, so its errors get the pack's names
 from ..step1x.checkpoints.loading import load_dit, load_vae
+from ..step1x.encoder.tokens import has_tokenizer_files
 from ..step1x.models.attention import backend_names
 from . import _comfy as bridge
 from .sockets import CATEGORY, DIT, MLLM, DiT, Mllm
@@ -23,7 +25,7 @@ class DiTLoader:
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (DIT,)
-    RETURN_NAMES = ("model",)
+    RETURN_NAMES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The Step1X-Edit transformer and connector, managed by ComfyUI's model management.",)
 
     @classmethod
@@ -61,7 +63,7 @@ class MllmLoader:
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (MLLM,)
-    RETURN_NAMES = ("mllm",)
+    RETURN_NAMES = ("MLLM",)
     OUTPUT_TOOLTIPS = ("The multimodal instruction encoder, managed by ComfyUI's model management.",)
 
     @classmethod
@@ -80,16 +82,13 @@ class MllmLoader:
         }}
 
     def load(self, mllm_name, dtype, device):
-        from ..step1x.encoder import load_text_encoder
-        from ..step1x.encoder.tokens import has_tokenizer_files
-
         path = bridge.model_path("text_encoders", mllm_name)
         folder = path if path.is_dir() else path.parent
         tokenizer = None if has_tokenizer_files(folder) else bridge.default_tokenizer_dir()
         load_device, offload_device = bridge.text_encoder_devices(device)
         compute, keep_fp8 = MLLM_DTYPES[dtype]
-        encoder = load_text_encoder(path, tokenizer_dir=tokenizer, device=offload_device, dtype=compute,
-                                    keep_fp8=keep_fp8)
+        encoder = encoder_library.load_text_encoder(path, tokenizer_dir=tokenizer, device=offload_device,
+                                                    dtype=compute, keep_fp8=keep_fp8)
         return (Mllm(bridge.manage(encoder.model, load_device, offload_device), encoder, mllm_name),)
 
 
@@ -107,7 +106,7 @@ class VaeLoader:
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("VAE",)
-    RETURN_NAMES = ("vae",)
+    RETURN_NAMES = ("VAE",)
     OUTPUT_TOOLTIPS = ("A ComfyUI VAE: it also plugs into the built-in VAE Decode and VAE Encode.",)
 
     @classmethod

@@ -33,6 +33,7 @@ class Sampler:
     CATEGORY = CATEGORY
     FUNCTION = "sample"
     RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("The edited latent (16-channel FLUX latent at the working size).",)
 
     @classmethod

@@ -15,7 +15,7 @@ class TeaCache:
     CATEGORY = CATEGORY
     FUNCTION = "apply"
     RETURN_TYPES = (DIT,)
-    RETURN_NAMES = ("model",)
+    RETURN_NAMES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The same DiT, sampled with TeaCache. Connect it to the Sampler.",)
 
     @classmethod
