@@ -127,8 +127,8 @@ def test_the_mllm_loads_into_a_lazy_linear(tiny_models, monkeypatch):
     plain = load_text_encoder(tiny_models / "Qwen2.5-VL-7B-Instruct", dtype=torch.float32)
     original = loader.empty_model
 
-    def with_a_lazy_layer(config):
-        model = original(config)
+    def with_a_lazy_layer(config, **kwargs):
+        model = original(config, **kwargs)
         mlp = model.model.language_model.layers[0].mlp
         old = mlp.down_proj
         mlp.down_proj = LazyLinear(old.in_features, old.out_features, bias=old.bias is not None)
