@@ -32,6 +32,8 @@ def test_one_table_feeds_both_mappings(pack):
         "Step1XEditDiTLoader", "Step1XEditLoraLoader", "Step1XEditTeaCache", "Step1XEditMLLMLoader",
         "Step1XEditVAELoader", "Step1XEditInstructionEncode", "Step1XEditConnector", "Step1XEditSampler",
         "Step1XEditVAEDecode", "Step1XEditVAEEncode", "Step1XEditResize", "Step1XEditRestoreSize",
+        "Step1XEditModelLoader", "Step1XEditEncode", "Step1XEditSigmas", "Step1XEditModelSampling",
+        "Step1XEditCFGRenorm",
     }
 
 
