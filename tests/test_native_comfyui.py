@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from node_support import ROOT, lib
+from node_support import ROOT, WORKFLOWS, lib
 
 COMFYUI = os.environ.get("COMFYUI_PATH")
 if not COMFYUI:
@@ -524,3 +524,49 @@ def test_the_renorm_node_sets_the_threshold_of_the_official_guidance(in_process)
 def test_comfyuis_latent_previewer_gets_a_preview_every_step(in_process):
     _, _, previews = in_process
     assert len(previews) == 3 and all(p is not None and p[0] == "JPEG" for p in previews), previews
+
+
+# ------------------------------------------------------------------------------------------- workflows
+
+
+def ui_to_api(workflow: dict, info: dict) -> dict:
+    """A UI-format workflow as the API prompt the frontend would queue, from ComfyUI's /object_info."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for item in workflow["nodes"]:
+        if item["type"] in ("Note", "MarkdownNote"):
+            continue
+        spec = info[item["type"]]
+        inputs = {entry["name"]: [str(links[entry["link"]][1]), links[entry["link"]][2]]
+                  for entry in item["inputs"] if entry["link"] is not None}
+        values = list(item["widgets_values"])
+        for name in spec["input_order"]["required"] + spec["input_order"].get("optional", []):
+            entry = spec["input"].get("required", {}).get(name) or spec["input"]["optional"][name]
+            kind, options = entry[0], (entry[1] if len(entry) > 1 else {})
+            if name in inputs or not (isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")):
+                continue
+            inputs[name] = values.pop(0)
+            if options.get("control_after_generate") or options.get("image_upload") or name in ("seed", "noise_seed"):
+                values.pop(0)
+        prompt[str(item["id"])] = node(item["type"], **inputs)
+    return prompt
+
+
+@pytest.mark.parametrize("name, output", [("step1x_native_ksampler", "10"), ("step1x_native_custom_sampler", "13")])
+def test_the_native_workflows_run_as_saved(server, name, output):
+    """Only the sizes change (steps, size_level) and Load VAE takes the tiny FLUX VAE through the pack's loader,
+    since ComfyUI's own loader builds the full-size one."""
+    from PIL import Image
+
+    import test_comfyui_server as real
+
+    prompt = ui_to_api(json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8")), server.get("/object_info"))
+    for item in prompt.values():
+        if item["class_type"] == "VAELoader":
+            item.update(node("Step1XEditVAELoader", vae_name=real.MODEL_NAMES["vae"]))
+        for key, value in (("steps", STEPS), ("size_level", SIZE_LEVEL)):
+            if key in item["inputs"]:
+                item["inputs"][key] = value
+    image = run(server, prompt)["outputs"][output]["images"][0]
+    with Image.open(server.base / "output" / image["subfolder"] / image["filename"]) as saved:
+        assert saved.size == real.IMAGE_SIZE

@@ -48,7 +48,7 @@ def widget_value_count(class_type, inputs) -> int:
 def test_the_promised_workflows_exist():
     names = {p.stem for p in WORKFLOWS.glob("*.json")}
     assert {"step1x_edit_basic", "step1x_edit_lowvram_fp8", "step1x_text_to_image", "step1x_edit_mask",
-            "step1x_edit_api"} <= names
+            "step1x_edit_api", "step1x_native_ksampler", "step1x_native_custom_sampler"} <= names
 
 
 @pytest.mark.parametrize("path", ui_files(), ids=lambda p: p.name)
