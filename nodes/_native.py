@@ -148,6 +148,8 @@ class Step1XEditModel(comfy.model_base.BaseModel):
         """The denoised latent: one official ``denoise`` step from ``t`` to 0 for every row, each row with its
         own text (cond and uncond rows may share the batch) and the reference latent."""
         bridge.check_interrupt()
+        if control is not None:
+            raise ValueError("ControlNets do not apply to Step1X-Edit; remove the Apply ControlNet node")
         text = TextConditioning(c_crossattn, kwargs["txt_mask"], *(kwargs.get(name) for _, name in V12_FIELDS))
         reference = kwargs.get("ref_latent")
         if reference is not None and reference.shape[-2:] != x.shape[-2:]:

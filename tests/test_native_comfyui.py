@@ -335,7 +335,7 @@ def test_differential_diffusion_runs_a_soft_mask_edit(server):
     assert torch.isfinite(latent(server, run(server, prompt), "18")).all()
 
 
-def test_an_area_crop_and_a_foreign_conditioning_are_node_errors(server):
+def test_an_area_crop_and_a_missing_reference_are_node_errors(server):
     import test_comfyui_server as real
 
     prompt = base_prompt()
