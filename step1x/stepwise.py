@@ -2,9 +2,13 @@
 stepping (ComfyUI's KSampler and SamplerCustomAdvanced): the denoised estimate of one model evaluation, the
 official guidance applied to two such estimates, and the official schedule of a latent.
 
-Each piece defers to :mod:`step1x.sampling.denoise`: an evaluation here *is* one ``denoise`` step from time
-``t`` to 0 (``x + (0 - t) * v``, the model's clean-latent estimate), and the guidance is its ``guidance``
-function, so an Euler sampler driven by these pieces computes what ``denoise`` computes.
+An evaluation here prepares the DiT's inputs as one step of :func:`~step1x.sampling.denoise.denoise` does
+(the same packing, position ids, RoPE table, connector and transformer) and returns the clean-latent estimate
+``x - t * v``, which is that step taken to time 0; the guidance is ``denoise``'s own ``guidance`` function.
+So an Euler sampler driven by these pieces computes what ``denoise`` computes. The estimate is formed in
+float32 from the model's velocity: a sampler that recovers ``v`` from it (``(x - denoised) / t``) keeps the
+velocity's precision even when the DiT runs in bfloat16. (A test holds the estimate bit-identical to a
+``denoise`` step in float32; a change to the step's inputs, such as v1.2's, belongs in both.)
 
 Conventions (those of ComfyUI's flow models): ``sigma`` is the official time ``t`` in [0, 1]; latents are in
 model space (``scale * (raw - shift)``), shape (B, 16, h, w); ``eps = x - denoised = sigma * v``.
@@ -16,7 +20,17 @@ import torch
 from torch import Tensor
 
 from .models.configs import SHIFT_BASE, SHIFT_MAX
-from .sampling.denoise import TextConditioning, denoise, get_schedule, guidance, pack, start_index, unpack
+from .sampling.denoise import (
+    TextConditioning,
+    autocast_for,
+    get_schedule,
+    guidance,
+    pack,
+    position_ids,
+    reference_id_base,
+    start_index,
+    unpack,
+)
 
 DEFAULT_IMAGE_TOKENS = 1024
 """Image tokens of a 512x512 latent (size_level 512, the official default), for a model whose latent size
@@ -62,12 +76,41 @@ def denoised(model, x: Tensor, sigma: Tensor, text: TextConditioning, reference:
     for value in torch.unique(sigma).tolist():
         rows = torch.nonzero(sigma == value).flatten()
         every = rows.numel() == x.shape[0]
-        out[rows] = denoise(
-            model, x if every else x[rows.to(x.device)], text if every else select_rows(text, rows, x.shape[0]), None,
-            reference=reference if every or reference is None else _rows(reference, rows, x.shape[0]),
-            timesteps=[value, 0.0], compute_dtype=compute_dtype, device=device or x.device,
-        ).to(x.device)
+        xs = x if every else x[rows.to(x.device)]
+        v = velocity(model, xs, value, text if every else select_rows(text, rows, x.shape[0]),
+                     reference if every or reference is None else _rows(reference, rows, x.shape[0]),
+                     compute_dtype=compute_dtype, device=device or x.device)
+        out[rows] = xs.float() - value * v.to(x.device)
     return out
+
+
+def velocity(model, x: Tensor, t: float, text: TextConditioning, reference: Tensor | None = None, *,
+             compute_dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The DiT's velocity (B, 16, h, w) as float32 for the latent ``x`` at time ``t``: connector and transformer
+    on the inputs one step of ``denoise`` builds (reference tokens after the noisy ones, text positions 0, or
+    the conditioning's own ``txt_ids`` when it has them)."""
+    batch, _, h, w = x.shape
+    text = text.expand(batch)
+    img = pack(x.to(device=device, dtype=compute_dtype))
+    img_ids = position_ids(batch, h // 2, w // 2)
+    if reference is not None:
+        reference = reference.expand(batch, -1, -1, -1) if reference.shape[0] == 1 else reference
+        if reference.shape[-2:] != x.shape[-2:]:
+            raise ValueError(
+                f"reference latent is {tuple(reference.shape[-2:])} but the noise is {(h, w)}; they must match")
+        img = torch.cat([img, pack(reference.to(device=device, dtype=compute_dtype))], dim=1)
+        base = reference_id_base(model.params.version)
+        img_ids = torch.cat([img_ids, position_ids(batch, h // 2, w // 2, base)], dim=1)
+    llm = text.llm_embedding.to(device=device, dtype=compute_dtype)
+    mask = text.mask.to(device)
+    txt_ids = torch.zeros(batch, llm.shape[1], 3) if text.txt_ids is None else text.txt_ids.float().cpu()
+    pe = model.rope(torch.cat([txt_ids, img_ids], dim=1).to(device))
+    txt_ids, img_ids = txt_ids.to(device), img_ids.to(device)
+    with autocast_for(device, compute_dtype):
+        t_vec = torch.full((batch,), t, dtype=img.dtype, device=device)
+        txt, y = model.connector(llm, t_vec, mask)
+        pred = model.transformer(img, img_ids, txt_ids, t_vec, txt, y, pe)
+    return unpack(pred[:, : (h // 2) * (w // 2)].float(), h, w)
 
 
 def select_rows(text: TextConditioning, rows: Tensor, batch: int) -> TextConditioning:
