@@ -460,7 +460,7 @@ def official(threshold):
                 preds.append(dit.transformer(img, ids, txt_ids, t_vec, txt, y, pe)[:, : x.shape[1]])
             norms.append(float((preds[0] - preds[1]).norm(dim=2).max()))
             x = x + (t_prev - t) * denoise_mod.guidance(preds[0], preds[1], 6.0, t, threshold)
-    return (unpack(x, h, w) / 0.3611) + 0.1159
+    return unpack(x, h, w)  # model space, where the official loop works
 
 previews = []
 comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, **kw: previews.append(preview))
@@ -469,7 +469,9 @@ negative = [[uncond.llm_embedding, {"step1x_mask": uncond.mask}]]
 comfy.sample.sample(model, noise, steps, 6.0, "euler", "simple", positive, negative, latent, seed=5,
                     callback=latent_preview.prepare_callback(model, steps))
 
-out = {"result": result, "official": official(0.93), "renorm_off": renorm_off, "official_off": official(1.0),
+model_space = lambda raw: (raw - 0.1159) * 0.3611
+out = {"result": model_space(result), "official": official(0.93), "renorm_off": model_space(renorm_off),
+       "official_off": official(1.0),
        "first_step_max_norm": torch.tensor(norms[0])}
 for i, record in enumerate(seen):
     for key, value in record.items():
@@ -512,9 +514,10 @@ def test_texts_of_unequal_length_reach_the_model_as_given(in_process):
 
 
 def test_unequal_lengths_sample_as_the_official_loop_with_one_pass_per_side(in_process):
+    """Compared in model space (``0.3611 * (raw - 0.1159)``), where the official loop works."""
     tensors, _, _ = in_process
     assert tensors["first_step_max_norm"] > 1, "the guidance difference is renormalised at t = 1"
-    assert tensors["official"].abs().max() < 15
+    assert tensors["official"].abs().max() < 6
     torch.testing.assert_close(tensors["result"], tensors["official"], rtol=0, atol=EXACT)
 
 
