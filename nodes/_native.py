@@ -6,7 +6,7 @@ Besides :mod:`._comfy`, this is the one module that imports ComfyUI's model clas
 ComfyUI.
 
 * :class:`Step1XEditModel` is a ``comfy.model_base.BaseModel`` of flow type whose ``diffusion_model`` is the
-  pack's own ``Step1XEdit`` module. Every model evaluation is one official ``denoise`` step to time 0
+  pack's own ``Step1XEdit`` module. Every model evaluation is the official sampler's step taken to time 0
   (:func:`step1x.stepwise.denoised`): connector and DiT run from the conditioning at every step.
 * Its conditioning (made by the Step1X-Edit Encode node) is ComfyUI's: the MLLM embedding is the tensor, the
   text mask and v1.2's optional inputs are ``step1x_*`` entries, the reference latent is the
@@ -145,8 +145,8 @@ class Step1XEditModel(comfy.model_base.BaseModel):
 
     def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},  # noqa: B006
                      **kwargs):
-        """The denoised latent: one official ``denoise`` step from ``t`` to 0 for every row, each row with its
-        own text (cond and uncond rows may share the batch) and the reference latent."""
+        """The denoised latent ``x - t * v`` for every row, each row with its own text (cond and uncond rows may
+        share the batch) and the reference latent."""
         bridge.check_interrupt()
         if control is not None:
             raise ValueError("ControlNets do not apply to Step1X-Edit; remove the Apply ControlNet node")
