@@ -6,6 +6,7 @@ from .conditioning import Connector, InstructionEncode
 from .image import Resize, RestoreSize, VaeDecode, VaeEncode
 from .loaders import DiTLoader, MllmLoader, VaeLoader
 from .lora import LoraLoader
+from .native import CFGRenorm, Encode, ModelLoader, ModelSampling, Sigmas
 from .regione import RegionE
 from .sampler import Sampler
 from .teacache import TeaCache
@@ -24,6 +25,11 @@ NODE_CONFIG = {
     "Step1XEditVAEEncode": {"class": VaeEncode, "name": "Step1X-Edit VAE Encode"},
     "Step1XEditResize": {"class": Resize, "name": "Step1X-Edit Resize (size_level)"},
     "Step1XEditRestoreSize": {"class": RestoreSize, "name": "Step1X-Edit Restore Original Size"},
+    "Step1XEditModelLoader": {"class": ModelLoader, "name": "Step1X-Edit Model Loader (MODEL)"},
+    "Step1XEditEncode": {"class": Encode, "name": "Step1X-Edit Encode (CONDITIONING)"},
+    "Step1XEditSigmas": {"class": Sigmas, "name": "Step1X-Edit Sigmas (official schedule)"},
+    "Step1XEditModelSampling": {"class": ModelSampling, "name": "Step1X-Edit Model Sampling (latent size)"},
+    "Step1XEditCFGRenorm": {"class": CFGRenorm, "name": "Step1X-Edit CFG Renorm"},
 }
 
 _comfy.name_errors_by_the_pack(__package__.rpartition(".")[0])

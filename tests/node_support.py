@@ -26,6 +26,15 @@ BUILTINS = {
     "VAELoader": ([("vae_name", [])], ("VAE",)),
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], ("IMAGE",)),
     "EmptySD3LatentImage": ([("width", "INT"), ("height", "INT"), ("batch_size", "INT")], ("LATENT",)),
+    "KSampler": ([("model", "MODEL"), ("seed", "INT"), ("steps", "INT"), ("cfg", "FLOAT"), ("sampler_name", []),
+                  ("scheduler", []), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                  ("latent_image", "LATENT"), ("denoise", "FLOAT")], ("LATENT",)),
+    "SamplerCustomAdvanced": ([("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"),
+                               ("latent_image", "LATENT")], ("LATENT", "LATENT")),
+    "CFGGuider": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("cfg", "FLOAT")],
+                  ("GUIDER",)),
+    "KSamplerSelect": ([("sampler_name", [])], ("SAMPLER",)),
+    "RandomNoise": ([("noise_seed", "INT")], ("NOISE",)),
 }
 """The ComfyUI built-in nodes the workflows may use, with the outputs they use (checked against the real ComfyUI in
 test_comfyui_server, where a newer ComfyUI may add outputs after these: SaveImage returns its IMAGE in 0.33)."""

@@ -225,7 +225,8 @@ def test_the_builtins_the_workflows_use_are_as_listed(server):
         assert [n for n, _ in inputs] == order, name
         for input_name, kind in inputs:
             actual = {**entry["input"]["required"], **entry["input"].get("optional", {})}[input_name][0]
-            assert isinstance(actual, list) if isinstance(kind, list) else actual == kind, (name, input_name)
+            combo = isinstance(actual, list) or actual == "COMBO"  # V1 lists the choices, V3 names the type
+            assert combo if isinstance(kind, list) else actual == kind, (name, input_name)
         # links are by slot: a newer ComfyUI may add outputs after those (SaveImage returns its IMAGE in 0.33)
         assert tuple(entry["output"][:len(outputs)]) == outputs, name
 

@@ -69,7 +69,8 @@ def widget_value_count(class_type, inputs) -> int:
 def test_the_promised_workflows_exist():
     assert {p.stem for p in template_files()} >= {"step1x_edit_basic", "step1x_edit_lowvram_fp8",
                                                   "step1x_text_to_image", "step1x_edit_mask",
-                                                  "step1x_edit_gguf"}
+                                                  "step1x_edit_gguf", "step1x_native_ksampler",
+                                                  "step1x_native_custom_sampler"}
     assert (API_WORKFLOWS / "step1x_edit_api.json").is_file()
 
 

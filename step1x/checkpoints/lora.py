@@ -187,6 +187,35 @@ def _rename(name: str) -> tuple[str, str | tuple[str, int] | None]:
     return "", None
 
 
+def module_names(shapes) -> dict[str, tuple[str, int | None]]:
+    """Every module name of a LoRA file that this reader maps onto a layer of a DiT with these Linear
+    ``shapes`` (:func:`linear_shapes`): name -> (official module name, stacked part or None). For tools
+    that look LoRA modules up by name (ComfyUI's LoRA key map) instead of translating them."""
+    names: dict[str, tuple[str, int | None]] = {}
+    renamed: dict[str, tuple[str, int | None]] = {}
+    for theirs, ours in _DIFFUSERS_TOP.items():
+        renamed[theirs] = (ours, None)
+    for tables in (_DIFFSYNTH, _DIFFUSERS):
+        for kind, (official, renames) in tables.items():
+            for module in shapes:
+                match = _BLOCK.match(module)
+                if not match or match.group(1) != official:
+                    continue
+                index, rest = match.group(2), match.group(3)
+                for theirs, hit in renames.items():
+                    target, part = hit if isinstance(hit, tuple) else (hit, None)
+                    if target == rest:
+                        renamed[f"{kind}.{index}.{theirs}"] = (module, part)
+    for module in shapes:
+        names[KOHYA_PREFIX + module.replace(".", "_")] = (module, None)
+        renamed[module] = (module, None)
+    for name, hit in renamed.items():
+        if hit[0] in shapes:
+            for prefix in ("", *PREFIXES):
+                names[prefix + name] = hit
+    return names
+
+
 def _group(header: Header) -> tuple[dict[str, dict[str, str]], list[str]]:
     """Tensor keys by module name and role (down, up, alpha); the keys that are no LoRA tensor."""
     modules: dict[str, dict[str, str]] = {}
