@@ -142,6 +142,6 @@ def guided_eps(cond_eps: Tensor, uncond_eps: Tensor, scale: float, sigma: Tensor
         if value == 0.0:
             out[rows] = u + scale * (c - u)
             continue
-        v = guidance(pack(c / value), pack(u / value), scale, value, renorm_threshold)
+        v = guidance(pack(c / value), pack(u / value), scale, value > renorm_threshold)
         out[rows] = unpack(v, h, w) * value
     return out

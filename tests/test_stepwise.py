@@ -86,7 +86,7 @@ def test_guidance_on_eps_is_the_official_guidance_on_velocities():
     v_c, v_u = torch.randn(2, 16, 4, 6, generator=g) * 3, torch.randn(2, 16, 4, 6, generator=g) * 3
     sigma = torch.tensor([0.95, 0.95])
     eps = guided_eps(0.95 * v_c, 0.95 * v_u, 6.0, sigma, 0.93)
-    official = unpack(guidance(pack(v_c), pack(v_u), 6.0, 0.95, 0.93), 4, 6)
+    official = unpack(guidance(pack(v_c), pack(v_u), 6.0, renorm=True), 4, 6)  # t = 0.95 > 0.93
     torch.testing.assert_close(eps / 0.95, official, rtol=1e-5, atol=1e-5)
     plain = guided_eps(0.9 * v_c, 0.9 * v_u, 6.0, torch.tensor([0.9, 0.9]), 0.93)
     torch.testing.assert_close(plain, 0.9 * (v_u + 6.0 * (v_c - v_u)), rtol=1e-5, atol=1e-5)
