@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -100,7 +101,7 @@ def operations():
     """Layer classes for the models: ComfyUI's casting ops inside ComfyUI (so --lowvram can keep part of
     the weights on the CPU and stream them), the library default otherwise."""
     if IN_COMFYUI:
-        return _autocast_aware_ops()
+        return _quantized_ops(_autocast_aware_ops())
     from ..step1x.models.ops import CastOps
 
     return CastOps
@@ -145,6 +146,65 @@ def _autocast_aware_ops():
     return _AUTOCAST_OPS
 
 
+_QUANTIZED_OPS: dict = {}
+
+
+def _quantized_ops(base):
+    """``base`` (the casting ops above) whose Linear may also hold a GGUF-quantised weight: a uint8 parameter of
+    the file's bytes, so ComfyUI counts, loads and --lowvram-streams the quantised size. Each call moves the
+    bytes to the compute device, dequantises them there and then applies ComfyUI's weight functions (LoRA
+    patches of a partly loaded model, :func:`add_lora`'s wrappers) to the dequantised weight."""
+    if base in _QUANTIZED_OPS:
+        return _QUANTIZED_OPS[base]
+    from ..step1x.models.quantized import matmul_dtype
+
+    class Linear(base.Linear):
+        holds_quantized = True
+        qtype = None
+        weight_shape = None
+
+        def forward_comfy_cast_weights(self, input, *args, **kwargs):
+            if self.qtype is None:
+                return super().forward_comfy_cast_weights(input, *args, **kwargs)
+            from ..step1x.models.dequant import dequantize
+
+            dtype = matmul_dtype(input)
+            non_blocking = mm.device_supports_non_blocking(input.device)
+            weight = dequantize(self.weight.to(input.device, non_blocking=non_blocking), self.qtype,
+                                self.weight_shape, dtype)
+            for function in self.weight_function:
+                weight = function(weight)
+            bias = None
+            if self.bias is not None:
+                bias = self.bias.to(device=input.device, dtype=dtype, non_blocking=non_blocking)
+                for function in self.bias_function:
+                    bias = function(bias)
+            return torch.nn.functional.linear(input, weight, bias)
+
+    _QUANTIZED_OPS[base] = type(f"Quantized{base.__name__}", (base,), {"Linear": Linear})
+    return _QUANTIZED_OPS[base]
+
+
+# ------------------------------------------------------------------------------------------ error names
+
+
+def name_errors_by_the_pack(package: str) -> None:
+    """Give the error classes of the pack's modules their names relative to the pack folder.
+
+    ComfyUI shows an exception's type as ``type.__module__ + "." + qualname`` (in /history and Show Report),
+    and it imports a custom node folder under the folder's path, so an error would read
+    ``/home/…/custom_nodes/ComfyUI-Step1X-Edit.step1x.checkpoints.safetensors_file.CheckpointError``. After this
+    it reads ``step1x.checkpoints.safetensors_file.CheckpointError``, the name the library has on its own.
+    Covers the modules imported so far: call it once the node modules are imported."""
+    prefix = package + "."
+    for name, module in list(sys.modules.items()):
+        if not name.startswith(prefix) or module is None:
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, type) and issubclass(value, BaseException) and value.__module__ == name:
+                value.__module__ = name[len(prefix):]
+
+
 # ------------------------------------------------------------------------------------ model management
 
 
@@ -187,12 +247,20 @@ class ModuleHolder(torch.nn.Module):
 
 
 def manage(model: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
-    """Register ``model`` with ComfyUI's model management (a ModelPatcher)."""
+    """Register ``model`` with ComfyUI's model management, with the patcher ComfyUI gives its own models."""
     if isinstance(getattr(type(model), "device", None), property):
         model = ModuleHolder(model)
     if IN_COMFYUI:
-        return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+        return patcher_class()(model, load_device=load_device, offload_device=offload_device)
     return HeadlessPatcher(model, load_device, offload_device)
+
+
+def patcher_class():
+    """The patcher ComfyUI wraps its own models in: ``CoreModelPatcher``, which ComfyUI's start-up turns into
+    the dynamic-VRAM patcher when that mode is on (so it is looked up at each call, never cached), or
+    ``ModelPatcher`` in versions that predate it (0.3.x). The dynamic patcher hands a model whose load device
+    is the CPU to a plain ModelPatcher itself, as it does for ComfyUI's own models."""
+    return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
 
 def load(patchers: list, memory_required: int = 0, full: bool = False) -> None:
@@ -215,12 +283,41 @@ def add_lora(patcher, patch, strength: float):
     if not IN_COMFYUI:
         clone.loras.append((patch, strength))
         return clone
-    patches = {m.target: _comfy_lora(m) for m in patch.modules}
+    quantized = _add_quantized_lora(clone, patch, strength)
+    patches = {m.target: _comfy_lora(m) for m in patch.modules if m.target not in quantized}
     missing = set(patches) - set(clone.add_patches(patches, strength))
     if missing:
         raise ValueError(f"{patch.name}: the model has no weights {', '.join(sorted(missing)[:3])}; "
                          "load the LoRA onto the Step1X-Edit DiT it was made for")
     return clone
+
+
+def _add_quantized_lora(clone, patch, strength: float) -> set[str]:
+    """The modules of ``patch`` whose weight is GGUF-quantised become weight wrappers of ``clone`` (ComfyUI
+    applies a wrapper to the weight at every call, after the layer dequantised it; a weight patch would be
+    merged into the stored bytes). Returns their targets."""
+    from ..step1x.models.quantized import is_quantized
+
+    layers = dict(clone.model.named_modules())
+    done = set()
+    for module in patch.modules:
+        layer = layers.get(module.target[: -len(".weight")])
+        if layer is not None and is_quantized(layer):
+            clone.add_weight_wrapper(module.target, LowRankDelta(module.up, module.down, strength * module.scale))
+            done.add(module.target)
+    return done
+
+
+class LowRankDelta:
+    """A ComfyUI weight function: ``weight + factor * up @ down``, summed in float32, in the weight's dtype."""
+
+    def __init__(self, up: torch.Tensor, down: torch.Tensor, factor: float):
+        self.up, self.down, self.factor = up, down, factor
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        up = self.up.to(device=weight.device, dtype=torch.float32)
+        down = self.down.to(device=weight.device, dtype=torch.float32)
+        return (weight.float() + self.factor * (up @ down)).to(weight.dtype)
 
 
 def _comfy_lora(module):
@@ -273,6 +370,15 @@ def _files_below(folder: Path):
         rel = Path(root).relative_to(folder)
         for name in files:
             yield rel / name, name
+
+
+def gguf_files(kind: str) -> list[str]:
+    """GGUF files below the ``kind`` folders (ComfyUI's own listing of a folder leaves them out), relative to
+    their folder."""
+    names = set()
+    for folder in model_folders(kind):
+        names.update(rel.as_posix() for rel, name in _files_below(folder) if name.lower().endswith(".gguf"))
+    return sorted(names)
 
 
 def model_files(kind: str) -> list[str]:

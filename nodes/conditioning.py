@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from ..step1x.encoder.image_v12 import blank_reference
-from ..step1x.geometry import resize_to_size_level
+from ..step1x.geometry import resize_to_size_level, upscale_note
 from ..step1x.graph_io import to_pil_list
-from ..step1x.pipeline import T2I_CONDITIONING_SIZE
+from ..step1x.pipeline import T2I_CONDITIONING_SIZE, check_edit_image, check_instruction
 from ..step1x.sampling.denoise import TextConditioning
 from . import _comfy as bridge
 from .sockets import (
@@ -44,7 +44,7 @@ class InstructionEncode:
     CATEGORY = CATEGORY
     FUNCTION = "encode"
     RETURN_TYPES = (EMBEDS,)
-    RETURN_NAMES = ("embeddings",)
+    RETURN_NAMES = ("EMBEDDINGS",)
     OUTPUT_TOOLTIPS = ("MLLM embeddings and masks for the instruction and the negative prompt.",)
 
     @classmethod
@@ -77,12 +77,22 @@ class InstructionEncode:
             raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
         if layout == "auto":
             layout = mllm.layout or LAYOUT_V11
+        version = "v1.2" if layout == LAYOUT_V12 else "v1.1"
+        check_instruction(instruction, version=version)
+        check_instruction(negative_prompt, "negative prompt", version)
+        if not instruction.strip():
+            log.warning("Step1X-Edit Instruction Encode: the instruction is empty, so nothing tells the model what to "
+                        "%s (the official code allows this); type it into the node.",
+                        "draw" if image is None else "change")
         if layout == LAYOUT_V12:
             return (encode_v12(mllm, instruction, negative_prompt, size_level, image),)
         if image is None:
             images, working = [Image.new("RGB", T2I_CONDITIONING_SIZE)], None
         else:
-            images = [resize_to_size_level(p, size_level) for p in to_pil_list(image)]
+            pils = to_pil_list(image)
+            check_edit_image(pils[0].width, pils[0].height, size_level)
+            _note_upscale(pils[0], size_level)
+            images = [resize_to_size_level(p, size_level) for p in pils]
             working = images[0].size
         encoder = mllm.encoder
         bridge.load([mllm.patcher], memory_required=MLLM_TOKENS * encoder.hidden_size * 4 * 16, full=True)
@@ -101,7 +111,10 @@ def encode_v12(mllm, instruction: str, negative_prompt: str, size_level: int, im
     if image is None:
         images, working = [blank_reference(size_level)], None
     else:
-        images = [resize_to_size_level(p, size_level) for p in to_pil_list(image)]
+        pils = to_pil_list(image)
+        check_edit_image(pils[0].width, pils[0].height, size_level, "v1.2")
+        _note_upscale(pils[0], size_level)
+        images = [resize_to_size_level(p, size_level) for p in pils]
         working = images[0].size
     encoder = mllm.encoder
     bridge.load([mllm.patcher], memory_required=V12_TOKENS * encoder.hidden_size * 4 * 16, full=True)
@@ -112,6 +125,12 @@ def encode_v12(mllm, instruction: str, negative_prompt: str, size_level: int, im
         cond.append(_to(pair[0], out))
         uncond.append(_to(pair[1], out))
     return InstructionEmbeds(cond, uncond, working, mllm.name, layout=LAYOUT_V12)
+
+
+def _note_upscale(image: Image.Image, size_level: int) -> None:
+    note = upscale_note(image.width, image.height, size_level)
+    if note:
+        log.warning("Step1X-Edit: %s Press Cancel to stop the run.", note)
 
 
 def _to(side: TextConditioning, device) -> TextConditioning:
@@ -126,7 +145,7 @@ class Connector:
     CATEGORY = CATEGORY
     FUNCTION = "bind"
     RETURN_TYPES = (CONDITIONING,)
-    RETURN_NAMES = ("conditioning",)
+    RETURN_NAMES = ("CONDITIONING",)
     OUTPUT_TOOLTIPS = ("Conditioning for the Step1X-Edit sampler (embeddings + the DiT's connector).",)
 
     @classmethod

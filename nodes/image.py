@@ -16,7 +16,7 @@ class Resize:
     CATEGORY = CATEGORY
     FUNCTION = "resize"
     RETURN_TYPES = ("IMAGE", "MASK", "INT", "INT")
-    RETURN_NAMES = ("image", "mask", "width", "height")
+    RETURN_NAMES = ("IMAGE", "MASK", "width", "height")
     OUTPUT_TOOLTIPS = ("The resized image.", "The resized mask (all ones when no mask was given).",
                        "Working width in pixels.", "Working height in pixels.")
 
@@ -48,7 +48,7 @@ class RestoreSize:
     CATEGORY = CATEGORY
     FUNCTION = "restore"
     RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("image",)
+    RETURN_NAMES = ("IMAGE",)
     OUTPUT_TOOLTIPS = ("The image at the original size.",)
 
     @classmethod
@@ -70,6 +70,7 @@ class VaeEncode:
     CATEGORY = CATEGORY
     FUNCTION = "encode"
     RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("The latent (the mean of the VAE's Gaussian, as ComfyUI's VAE Encode).",)
 
     @classmethod
@@ -91,6 +92,7 @@ class VaeDecode:
     CATEGORY = CATEGORY
     FUNCTION = "decode"
     RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("IMAGE",)
     OUTPUT_TOOLTIPS = ("The decoded image at the working size.",)
 
     @classmethod

@@ -7,9 +7,12 @@ import logging
 
 import torch
 
+from ..step1x import encoder as encoder_library  # imported with the nodes, so its errors get the pack's names
 from ..step1x.checkpoints.loading import load_dit, load_vae
 from ..step1x.checkpoints.model_files import dit_version_beside
 from ..step1x.checkpoints.safetensors_file import CheckpointError
+from ..step1x.encoder.loader import TOKENIZER_DIRS, text_encoder_path
+from ..step1x.encoder.tokens import has_tokenizer_files
 from ..step1x.models.attention import backend_names
 from . import _comfy as bridge
 from .model_lists import dit_choices, find, mllm_choices, vae_choices
@@ -27,27 +30,27 @@ has its block Linear weights quantised to float8."""
 
 
 class DiTLoader:
-    DESCRIPTION = ("Loads the Step1X-Edit DiT (v1.0 step1x-edit-i1258 or v1.1 step1x-edit-v1p1-official, or an "
-                   "fp8 conversion; or a diffusers-layout model folder such as Step1X-Edit-v1p2 or "
-                   "Step1X-Edit-v1p1-diffusers) from models/diffusion_models. The version is read from the weights. "
-                   "Its connector is used by the Connector node.")
+    DESCRIPTION = ("Loads the Step1X-Edit DiT (v1.0 step1x-edit-i1258 or v1.1 step1x-edit-v1p1-official, an fp8 "
+                   "conversion, or a GGUF file: Q8_0 ... Q2_K; or a diffusers-layout model folder such as "
+                   "Step1X-Edit-v1p2 or Step1X-Edit-v1p1-diffusers) from models/diffusion_models. The version is "
+                   "read from the weights. Its connector is used by the Connector node.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (DIT,)
-    RETURN_NAMES = ("model",)
+    RETURN_NAMES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The Step1X-Edit transformer and connector, managed by ComfyUI's model management.",)
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "unet_name": (dit_choices(), {"tooltip": (
-                "The Step1X-Edit DiT file in models/diffusion_models (or models/unet), or a diffusers-layout model "
-                "folder there (Step1X-Edit-v1p2 with transformer/, vae/, text_encoder/), or a lone transformer "
-                "folder.")}),
+                "The Step1X-Edit DiT in models/diffusion_models (or models/unet): a .safetensors or .gguf file "
+                "(made with `python -m step1x quantize`, or a ComfyUI-GGUF style file), a diffusers-layout model "
+                "folder (Step1X-Edit-v1p2 with transformer/, vae/, text_encoder/), or a lone transformer folder.")}),
             "weight_dtype": (DIT_WEIGHT_DTYPES, {"default": "default", "tooltip": (
-                "How the large block weights are kept in memory. default: as stored (fp8 files stay fp8, others "
-                "in the compute dtype). fp8_e4m3fn / fp8_e5m2: about half the memory of bf16, slightly lower "
-                "quality. bf16: full quality.")}),
+                "How the large block weights are kept in memory. default: as stored (fp8 files stay fp8, GGUF "
+                "files stay quantised, others in the compute dtype). fp8_e4m3fn / fp8_e5m2: about half the memory "
+                "of bf16, slightly lower quality. bf16: full quality (a GGUF file is dequantised once at load).")}),
             "attention": (backend_names(), {"default": "auto", "tooltip": (
                 "Attention kernel. auto picks flash-attn or xformers when installed and suitable, else PyTorch "
                 "SDPA. Choosing a package that is not installed fails with an install hint.")}),
@@ -70,7 +73,7 @@ class MllmLoader:
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (MLLM,)
-    RETURN_NAMES = ("mllm",)
+    RETURN_NAMES = ("MLLM",)
     OUTPUT_TOOLTIPS = ("The multimodal instruction encoder, managed by ComfyUI's model management.",)
 
     @classmethod
@@ -97,10 +100,6 @@ class MllmLoader:
         }}
 
     def load(self, mllm_name, dtype, device, lm_head=False):
-        from ..step1x.encoder import load_text_encoder
-        from ..step1x.encoder.loader import TOKENIZER_DIRS, text_encoder_path
-        from ..step1x.encoder.tokens import has_tokenizer_files
-
         path = find(("text_encoders", "diffusion_models"), mllm_name)
         source = text_encoder_path(path)
         folder = source if source.is_dir() else source.parent
@@ -109,8 +108,9 @@ class MllmLoader:
         tokenizer = None if own else bridge.default_tokenizer_dir()
         load_device, offload_device = bridge.text_encoder_devices(device)
         compute, keep_fp8, quantize = MLLM_DTYPES[dtype]
-        encoder = load_text_encoder(path, tokenizer_dir=tokenizer, device=offload_device, dtype=compute,
-                                    keep_fp8=keep_fp8, quantize_fp8=quantize, generation=lm_head)
+        encoder = encoder_library.load_text_encoder(path, tokenizer_dir=tokenizer, device=offload_device,
+                                                    dtype=compute, keep_fp8=keep_fp8, quantize_fp8=quantize,
+                                                    generation=lm_head)
         patcher = bridge.manage(encoder.model, load_device, offload_device)
         return (Mllm(patcher, encoder, mllm_name, layout=learned_layout(path)),)
 
@@ -136,7 +136,7 @@ class VaeLoader:
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("VAE",)
-    RETURN_NAMES = ("vae",)
+    RETURN_NAMES = ("VAE",)
     OUTPUT_TOOLTIPS = ("A ComfyUI VAE: it also plugs into the built-in VAE Decode and VAE Encode.",)
 
     @classmethod

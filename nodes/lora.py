@@ -19,7 +19,7 @@ class LoraLoader:
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (DIT,)
-    RETURN_NAMES = ("model",)
+    RETURN_NAMES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The DiT with the LoRA. Connect it to the Sampler; the Connector may take this model or the "
                        "one before the LoRA.",)
 

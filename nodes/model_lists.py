@@ -4,7 +4,8 @@ A model folder (Step1X-Edit-v1p2, Step1X-Edit-v1p1-diffusers) holds ``transforme
 ``text_encoder/`` (with the tokenizer in ``processor/`` or ``tokenizer/``). Downloaded whole into
 ``models/diffusion_models/`` it serves all three loaders:
 
-* DiT loader: the model folder (``Step1X-Edit-v1p2``), or a lone transformer folder;
+* DiT loader: the model folder (``Step1X-Edit-v1p2``), or a lone transformer folder (beside single files,
+  GGUF included);
 * VAE loader: ``Step1X-Edit-v1p2/vae``, and diffusers VAE folders in ``models/vae``;
 * MLLM loader: the model folder (its ``text_encoder/``), also when it sits in ``models/text_encoders``.
 
@@ -75,10 +76,12 @@ def _outside(files: list[str], folders: list[str]) -> list[str]:
 
 
 def dit_choices() -> list[str]:
-    """DiT files, model folders with a transformer, and lone transformer folders in models/diffusion_models."""
+    """What the DiT loader offers from models/diffusion_models, sorted: DiT files (what ComfyUI lists, and the GGUF
+    files its listing leaves out), model folders with a transformer, and lone transformer folders."""
     folders = model_folder_names("diffusion_models", TRANSFORMER) + component_names("diffusion_models", TRANSFORMER)
     every = model_folder_names("diffusion_models") + folders
-    return folders + _outside(bridge.model_files("diffusion_models"), every)
+    files = set(bridge.model_files("diffusion_models")) | set(bridge.gguf_files("diffusion_models"))
+    return sorted(set(folders) | set(_outside(sorted(files), every)))
 
 
 def vae_choices() -> list[str]:

@@ -15,6 +15,7 @@ from ..step1x.graph_io import (
     repeat_rows,
     resize_images,
 )
+from ..step1x.models.quantized import dequant_workspace_bytes
 from ..step1x.sampling.denoise import TextConditioning, denoise, make_noise
 from . import _comfy as bridge
 from .sockets import CATEGORY, CONDITIONING, DIT, LAYOUT_V12
@@ -34,6 +35,7 @@ class Sampler:
     CATEGORY = CATEGORY
     FUNCTION = "sample"
     RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("The edited latent (16-channel FLUX latent at the working size).",)
 
     @classmethod
@@ -50,8 +52,9 @@ class Sampler:
                 "renorm_threshold": ("FLOAT", {"default": 0.93, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
                     "While the time is above this, the guidance difference is renormalised (official: 0.93; 1.0 "
                     "turns it off, as in the first release).")}),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": (
-                    "1.0 starts from noise. Lower values start from init_latent (or the reference) and change less.")}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                    "1.0 starts from noise. Lower values start from init_latent (or the reference) and change less; "
+                    "0 returns that start point unchanged, as ComfyUI's KSampler does.")}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": (
                     "Results per reference image. The whole batch's noise comes from the one seed, as in ComfyUI's "
                     "samplers.")}),
@@ -156,6 +159,10 @@ def run(dit, connector, noise, cond, uncond, *, reference, init, keep, steps, cf
     params = dit.model.params
     tokens = 640 + noise.shape[-2] * noise.shape[-1] // 4 * (1 if reference is None else 2)
     memory = 2 * noise.shape[0] * tokens * params.hidden_size * dit.compute_dtype.itemsize * ACTIVATION_FACTOR
+    if dit.regione is not None:  # RegionE keeps keys and values of every attention layer (one row at a time)
+        memory += 2 * 2 * tokens * params.hidden_size * dit.compute_dtype.itemsize * (params.depth +
+                                                                                  params.depth_single_blocks)
+    memory += dequant_workspace_bytes(dit.model, dit.compute_dtype)  # GGUF layers dequantise on the device
     bridge.load([dit.patcher], memory_required=memory)
     device = dit.patcher.load_device
     progress = bridge.Progress(steps, device)
@@ -164,6 +171,6 @@ def run(dit, connector, noise, cond, uncond, *, reference, init, keep, steps, cf
             dit.model, noise, cond, uncond, reference=reference, steps=steps, cfg_scale=cfg,
             renorm_threshold=renorm_threshold, strength=strength, init_latent=init, keep_mask=keep,
             compute_dtype=dit.compute_dtype, device=device, connector=connector, teacache=dit.teacache,
-            callback=progress,
+            regione=dit.regione, callback=progress,
         )
     return latent_from_model_space(latent).to(bridge.intermediate_device())

@@ -40,6 +40,8 @@ class DiT:
     name: str
     teacache: float = 0.0
     """TeaCache threshold the sampler uses with this model (0: off)."""
+    regione: object | None = None
+    """RegionE settings (:class:`step1x.sampling.regione_rules.RegionEConfig`) the sampler uses (None: off)."""
 
     @property
     def model(self):

@@ -15,7 +15,7 @@ class TeaCache:
     CATEGORY = CATEGORY
     FUNCTION = "apply"
     RETURN_TYPES = (DIT,)
-    RETURN_NAMES = ("model",)
+    RETURN_NAMES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The same DiT, sampled with TeaCache. Connect it to the Sampler.",)
 
     @classmethod
@@ -28,4 +28,7 @@ class TeaCache:
         }}
 
     def apply(self, model, threshold):
+        if threshold and model.regione is not None:
+            raise ValueError("this model already has RegionE; TeaCache and RegionE both skip DiT work per step and "
+                             "cannot be combined: remove one of the two nodes")
         return (replace(model, teacache=float(threshold)),)

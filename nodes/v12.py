@@ -15,6 +15,7 @@ import logging
 import torch
 
 from ..step1x.graph_io import check_image, check_latent, latent_from_model_space, latent_to_model_space
+from ..step1x.models.quantized import dequant_workspace_bytes
 from ..step1x.pipeline_v12 import V12Settings
 from ..step1x.sampling import v12
 from ..step1x.sampling.denoise import LATENT_CHANNELS, TextConditioning, denoise
@@ -58,9 +59,15 @@ def decoded(vae, latent: torch.Tensor) -> torch.Tensor:
 def run_dit(dit, noise, cond, uncond, *, reference=None, init=None, keep=None, steps: int, cfg: float,
             renorm_threshold: float, strength: float = 1.0, callback=None) -> torch.Tensor:
     """Load the DiT with ComfyUI's model management and sample under its version's rules (v1.2: one call per
-    image row and CFG side); progress, preview and Cancel per step. Returns the model-space latent, float32."""
+    image row and CFG side), with the DiT's TeaCache or RegionE settings; progress, preview and Cancel per step.
+    Returns the model-space latent, float32."""
+    params = dit.model.params
     tokens = V12_TEXT_TOKENS + noise.shape[-2] * noise.shape[-1] // 4 * (1 if reference is None else 2)
-    memory = noise.shape[0] * tokens * dit.model.params.hidden_size * dit.compute_dtype.itemsize * ACTIVATION_FACTOR
+    memory = noise.shape[0] * tokens * params.hidden_size * dit.compute_dtype.itemsize * ACTIVATION_FACTOR
+    if dit.regione is not None:  # RegionE keeps keys and values of every attention layer (one row at a time)
+        memory += 2 * 2 * tokens * params.hidden_size * dit.compute_dtype.itemsize * (params.depth +
+                                                                                  params.depth_single_blocks)
+    memory += dequant_workspace_bytes(dit.model, dit.compute_dtype)  # GGUF layers dequantise on the device
     bridge.load([dit.patcher], memory_required=memory)
     device = dit.patcher.load_device
     progress = bridge.Progress(steps, device)
@@ -73,7 +80,8 @@ def run_dit(dit, noise, cond, uncond, *, reference=None, init=None, keep=None, s
     with torch.no_grad():
         return denoise(dit.model, noise, cond, uncond, reference=reference, steps=steps, cfg_scale=cfg,
                        renorm_threshold=renorm_threshold, strength=strength, init_latent=init, keep_mask=keep,
-                       compute_dtype=dit.compute_dtype, device=device, teacache=dit.teacache, callback=step)
+                       compute_dtype=dit.compute_dtype, device=device, teacache=dit.teacache,
+                       regione=dit.regione, callback=step)
 
 
 # ----------------------------------------------------------------------------------------------- the sampler
@@ -151,9 +159,9 @@ class ComfyStages:
     def encode_reference(self, pixels, generator, sample):
         return reference_latents(self.vae, pixels, generator, sample)
 
-    def denoise(self, noise, cond, uncond, reference, settings: V12Settings, callback):
+    def denoise(self, noise, cond, uncond, reference, settings: V12Settings, callback, init=None):
         options = settings.sampling
-        return run_dit(self.dit, noise, cond, uncond, reference=reference, steps=options.steps,
+        return run_dit(self.dit, noise, cond, uncond, reference=reference, init=init, steps=options.steps,
                        cfg=options.cfg_scale, renorm_threshold=options.renorm_threshold, strength=settings.strength,
                        callback=callback)
 

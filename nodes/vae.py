@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..step1x.graph_io import DOWNSCALE, check_image
+from ..step1x.graph_io import DOWNSCALE, check_finite, check_image
 from ..step1x.sampling.denoise import LATENT_CHANNELS
 from . import _comfy as bridge
 
@@ -60,6 +60,7 @@ class Step1XVAE:
     @torch.no_grad()
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Raw latent -> IMAGE [B, H, W, 3] in [0, 1]."""
+        check_finite(samples, "the latent to decode")
         device = self._load(DECODE_BYTES_PER_LATENT_PIXEL * samples.shape[0] * samples.shape[-2] * samples.shape[-1])
         x = self.autoencoder.decode_raw(samples.to(device=device, dtype=self.dtype))
         return x.float().clamp(-1, 1).add(1).mul(0.5).movedim(1, -1).to(bridge.intermediate_device())

@@ -13,6 +13,7 @@ run, results written atomically, and a closing report.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import tempfile
@@ -124,6 +125,27 @@ def describe_reasoning(result: ReasonEditResult) -> str:
     return text + f"; {len(result.calls)} model replies"
 
 
+DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+class OutputWriteError(OSError):
+    """A result that could not be written, with the path and what to do."""
+
+
+def write_result(image: Image.Image, path: Path) -> None:
+    """:func:`save_atomic`, with a full disk reported by the path and what to do about it."""
+    try:
+        save_atomic(image, path)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        raise OutputWriteError(
+            f"no space left to write {path} ({exc.strerror or exc}); free some space on that disk, or write the "
+            "results to a folder on another disk (--output-dir), then run again with --skip-existing to do only "
+            "what is missing"
+        ) from None
+
+
 def describe_error(exc: BaseException) -> str:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return ("out of GPU memory; try --offload, --weight-dtype fp8_e4m3fn, --sequential-cfg or a smaller "
@@ -181,14 +203,14 @@ def run_job(pipe: Step1XPipeline, job: Job, options: EditOptions, *, width: int 
                                   timings=timings)
         if save_tries:
             for i, try_image in enumerate(result.images):
-                save_atomic(try_image, job.output.with_name(f"{job.output.stem}_try{i + 1}{job.output.suffix}"))
+                write_result(try_image, job.output.with_name(f"{job.output.stem}_try{i + 1}{job.output.suffix}"))
             text = job.output.with_name(f"{job.output.stem}_reasoning.txt")
             text.write_text(result.reasoning_text() + "\n", encoding="utf-8")
-        save_atomic(result.best_image, job.output)
+        write_result(result.best_image, job.output)
         return result
     else:
         image = pipe.edit(load_image(job.source), job.prompt, options, callback=callback, timings=timings)
-    save_atomic(image, job.output)
+    write_result(image, job.output)
     return None
 
 
@@ -218,9 +240,8 @@ def run_batch(pipe: Step1XPipeline, jobs: list[Job], options: EditOptions | None
             except KeyboardInterrupt:
                 report.interrupted = True
                 break
-            except Exception as exc:  # one bad image must not end the run
+            except Exception as exc:  # one bad image must not end the run; the summary gives the reason
                 result = JobResult(job, "failed", time.perf_counter() - t0, describe_error(exc), timings)
-                bars.note(f"failed {job.name}: {result.error}")
             else:
                 result = JobResult(job, "done", time.perf_counter() - t0, timings=timings)
                 if outcome is not None:

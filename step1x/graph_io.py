@@ -4,6 +4,10 @@
 * MASK: float [B, H, W] (or [H, W]), 1 where the image may change;
 * LATENT samples: the raw FLUX VAE latent (B, 16, H/8, W/8), what ``ae.safetensors`` encodes and decodes.
 
+NaN or infinite values are refused in all three, with the input named: they would flow through the VAE and the
+DiT and come out as a normal-looking but meaningless image. IMAGE and MASK values outside [0, 1] are clamped to
+it (ComfyUI's own nodes can overshoot slightly, e.g. after a bicubic upscale); a LATENT has no fixed range.
+
 The DiT works in model space, ``scale * (raw - shift)``; the conversion uses the FLUX VAE constants,
 which the DiT was trained with whatever VAE object produced the latent. No ComfyUI import here.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
@@ -35,8 +40,21 @@ def latent_from_model_space(z: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------- checks
 
 
+def check_finite(tensor: Tensor, what: str) -> Tensor:
+    """``tensor`` unchanged, unless it holds NaN or infinite values."""
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int(finite.numel() - finite.sum())
+        raise ValueError(
+            f"{what} holds {bad} NaN or infinite value(s) out of {tensor.numel()}; they would come out as a "
+            "meaningless image. Check the node or file that produced it (for example a float image with missing "
+            "pixels, or a decode that failed)."
+        )
+    return tensor
+
+
 def check_image(image: Tensor, what: str = "image") -> Tensor:
-    """A non-empty IMAGE [B, H, W, C]; returns its RGB channels."""
+    """A non-empty, finite IMAGE [B, H, W, C]; returns its RGB channels clamped to [0, 1]."""
     if not isinstance(image, Tensor) or image.ndim != 4:
         shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
         raise ValueError(f"{what} must be an IMAGE [batch, height, width, channels], got {shape}")
@@ -46,11 +64,21 @@ def check_image(image: Tensor, what: str = "image") -> Tensor:
         raise ValueError(f"{what} has {image.shape[-1]} channels; expected an RGB (3) image")
     if image.shape[-1] == 1:
         image = image.expand(-1, -1, -1, 3)
-    return image[..., :3]
+    return check_finite(image[..., :3], what).clamp(0, 1)
+
+
+def check_mask(mask: Tensor, what: str = "mask") -> Tensor:
+    """A non-empty, finite MASK as [B, H, W], clamped to [0, 1]."""
+    if isinstance(mask, Tensor) and mask.ndim == 2:
+        mask = mask.unsqueeze(0)
+    if not isinstance(mask, Tensor) or mask.ndim != 3 or mask.numel() == 0:
+        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{what} must be a MASK [batch, height, width], got shape {shape}")
+    return check_finite(mask.float(), what).clamp(0, 1)
 
 
 def check_latent(latent, what: str = "latent") -> Tensor:
-    """The samples of a LATENT (dict with "samples" or a tensor): 16 channels, even height and width."""
+    """The samples of a LATENT (dict with "samples" or a tensor): 16 channels, even height and width, finite."""
     samples = latent.get("samples") if isinstance(latent, dict) else latent
     if not isinstance(samples, Tensor) or samples.ndim != 4:
         raise ValueError(f"{what} must be a LATENT of shape (batch, 16, height/8, width/8)")
@@ -67,7 +95,7 @@ def check_latent(latent, what: str = "latent") -> Tensor:
             f"{what} is {h}x{w} latent pixels ({h * DOWNSCALE}x{w * DOWNSCALE} px); both sides must be multiples of "
             f"{PATCH} pixels. Resize the image with the Step1X-Edit resize node before encoding it."
         )
-    return samples
+    return check_finite(samples, what)
 
 
 def check_sampling(steps: int, cfg: float, renorm_threshold: float) -> None:
@@ -82,10 +110,11 @@ def check_sampling(steps: int, cfg: float, renorm_threshold: float) -> None:
 
 
 def check_settings(steps: int, cfg: float, renorm_threshold: float, denoise: float) -> None:
-    """The sampler node's settings: :func:`check_sampling` and ``denoise`` in (0, 1]."""
+    """The sampler node's settings: :func:`check_sampling` and ``denoise`` in [0, 1] (0 returns the start point
+    unchanged, as the library's ``strength=0`` and ComfyUI's KSampler do)."""
     check_sampling(steps, cfg, renorm_threshold)
-    if not (0.0 < denoise <= 1.0) or not math.isfinite(denoise):
-        raise ValueError(f"denoise must be within (0, 1], got {denoise}; 1.0 edits from pure noise")
+    if not (0.0 <= denoise <= 1.0):
+        raise ValueError(f"denoise must be within [0, 1], got {denoise}; 1.0 edits from pure noise")
 
 
 def batch_of(tensor: Tensor, batch: int, what: str, of: str) -> Tensor:
@@ -100,18 +129,14 @@ def batch_of(tensor: Tensor, batch: int, what: str, of: str) -> Tensor:
 def mask_to_latent(mask: Tensor, image_size: tuple[int, int], latent_size: tuple[int, int], batch: int,
                    image_what: str = "the reference image") -> Tensor:
     """A MASK at ``image_size`` (H, W) -> (batch, 1, h, w) on the latent grid, by area averaging."""
-    if mask.ndim == 2:
-        mask = mask.unsqueeze(0)
-    if mask.ndim != 3 or mask.numel() == 0:
-        raise ValueError(f"mask must be a MASK [batch, height, width], got shape {tuple(mask.shape)}")
+    mask = check_mask(mask)
     if tuple(mask.shape[-2:]) != tuple(image_size):
         raise ValueError(
             f"the mask is {mask.shape[-1]}x{mask.shape[-2]} but {image_what} is {image_size[1]}x{image_size[0]}; "
             "use a mask painted on that image (e.g. the MASK output of Load Image) or resize both together"
         )
     mask = batch_of(mask, batch, "the mask", image_what)
-    grid = F.interpolate(mask.float().unsqueeze(1), size=latent_size, mode="area")
-    return grid.clamp(0, 1)
+    return F.interpolate(mask.unsqueeze(1), size=latent_size, mode="area")
 
 
 def repeat_rows(tensor: Tensor, times: int) -> Tensor:
@@ -133,9 +158,8 @@ def resize_images(image: Tensor, size: tuple[int, int], resample: str = "lanczos
 
 def resize_masks(mask: Tensor, size: tuple[int, int]) -> Tensor:
     """Resize a MASK batch to ``size`` = (width, height), bilinear."""
-    if mask.ndim == 2:
-        mask = mask.unsqueeze(0)
-    out = F.interpolate(mask.float().unsqueeze(1), size=(size[1], size[0]), mode="bilinear", align_corners=False)
+    mask = check_mask(mask)
+    out = F.interpolate(mask.unsqueeze(1), size=(size[1], size[0]), mode="bilinear", align_corners=False)
     return out.squeeze(1).clamp(0, 1)
 
 

@@ -17,9 +17,15 @@ class ImageReadError(ValueError):
     """A file that cannot be read as an image."""
 
 
+class ImageValueError(ValueError):
+    """An image whose pixel values cannot be edited (NaN or infinite)."""
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB: 16-bit and float images are scaled, alpha is dropped as the official
-    ``convert("RGB")`` does, palettes are expanded."""
+    ``convert("RGB")`` does, palettes are expanded. Float images (mode ``F``) whose values all lie within [0, 1]
+    are scaled by 255, others are taken as 0-255; values outside the range are clamped to it. NaN or infinite
+    values are refused (:class:`ImageValueError`)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
@@ -27,6 +33,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return Image.fromarray(arr, mode="L").convert("RGB")
     if image.mode == "F":
         arr = np.asarray(image, dtype=np.float64)
+        bad = int(arr.size - np.isfinite(arr).sum())
+        if bad:
+            raise ImageValueError(
+                f"the image holds {bad} NaN or infinite pixel value(s) out of {arr.size}; they would come out as a "
+                "meaningless edit. Fill them in (or export the image without them) and try again."
+            )
         scale = 255.0 if arr.max() <= 1.0 else 1.0
         arr = np.clip(arr * scale, 0, 255).round().astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
@@ -42,12 +54,15 @@ def load_image(path: str | os.PathLike, exif_transpose: bool = True) -> Image.Im
             im.load()
             if exif_transpose:
                 im = ImageOps.exif_transpose(im)
-            return to_rgb(im)
     except FileNotFoundError:
         raise ImageReadError(f"image file not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(
             f"cannot read image {path}: {exc}. Check that it is a complete PNG/JPEG/WebP file.") from None
+    try:
+        return to_rgb(im)
+    except ImageValueError as exc:
+        raise ImageValueError(f"{path}: {exc}") from None
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -111,7 +111,9 @@ def t2i_jobs(prompts: dict[str, str], output_dir: str | os.PathLike, fmt: str | 
 
 def prepare_output_dir(output_dir: str | os.PathLike, jobs: list[Job], input_dir: str | os.PathLike | None = None,
                        overwrite: bool = False) -> Path:
-    """Create the output folder, check that it is writable and that no input would be overwritten."""
+    """Check that the output folder can be created and written and that no input would be overwritten. A folder
+    that did not exist is removed again after the check: results create it when they are written, so a run that
+    stops before writing anything leaves no empty folder behind."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise JobError(f"output folder {output_dir} is a file; give a folder")
@@ -127,6 +129,7 @@ def prepare_output_dir(output_dir: str | os.PathLike, jobs: list[Job], input_dir
                 f"writing {clash[0].output} would overwrite the input image; choose another output folder "
                 "(or pass --overwrite)"
             )
+    created = [p for p in (output_dir, *output_dir.parents) if not p.exists()]
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".step1x-write-test-", dir=output_dir)
@@ -134,4 +137,10 @@ def prepare_output_dir(output_dir: str | os.PathLike, jobs: list[Job], input_dir
         os.unlink(probe)
     except OSError as exc:
         raise JobError(f"cannot write to the output folder {output_dir}: {exc.strerror or exc}") from None
+    finally:
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
     return output_dir

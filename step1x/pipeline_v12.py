@@ -59,8 +59,9 @@ class V12Stages(Protocol):
 
     def denoise(self, noise: Tensor, cond: TextConditioning, uncond: TextConditioning | None,
                 reference: Tensor | None, settings: V12Settings,
-                callback: Callable[[StepInfo], None] | None) -> Tensor:
-        """Sample from ``noise`` under the v1.2 rules."""
+                callback: Callable[[StepInfo], None] | None, init: Tensor | None = None) -> Tensor:
+        """Sample from ``noise`` under the v1.2 rules; below strength 1 from ``init`` (else the reference)
+        noised to the start time."""
 
     def decode(self, latent: Tensor) -> Tensor:
         """The decoder's output (B, 3, H, W) in about [-1, 1], float32."""
@@ -79,7 +80,12 @@ class V12Settings:
     """Sample the VAE posterior as the reference does (False: its mean)."""
     restore_size: bool = True
     strength: float = 1.0
-    """Below 1, start from the reference latent noised to the start time (not in the reference pipeline)."""
+    """Below 1, start from the init image's (else the reference's) latent noised to the start time (not in the
+    reference pipeline)."""
+    init_image: Image.Image | None = None
+    """The img2img start point other than the reference, used below strength 1: resized to the working size as
+    the reference is for the VAE (bilinear, antialiased), encoded like it with the generator's draw after the
+    initial noise (so the reference's and the noise's draws do not move)."""
     teacache: float = 0.0
 
     def negative(self, text_to_image: bool) -> str:
@@ -137,28 +143,43 @@ def edit(stages: V12Stages, image: Image.Image, prompt: str, settings: V12Settin
                                  [prompt, settings.negative(False)])
     reference = stages.encode_reference(v12.vae_input(image, work), generator, settings.sample_vae).to(dtype)
     noise = v12.initial_noise(work, generator, dtype)
+    init = _init_latent(stages, settings, work, generator, dtype)
     _add(timings, "encode_s", time.perf_counter() - t0)
-    return _sample_decode(stages, noise, cond, uncond, reference, settings, image.size, callback, timings)
+    return _sample_decode(stages, noise, cond, uncond, reference, settings, image.size, callback, timings, init)
 
 
 def text_to_image(stages: V12Stages, prompt: str, size: tuple[int, int], settings: V12Settings,
                   generator: torch.Generator, *, dtype: torch.dtype,
                   callback: Callable[[StepInfo], None] | None = None, timings=None) -> Image.Image:
     """v1.2 text-to-image at ``size`` (width, height; floored to multiples of 16): the encoder sees a black
-    ``size_level`` square, the negative prompt defaults to v1.2's list, the noise is the generator's first draw."""
+    ``size_level`` square, the negative prompt defaults to v1.2's list, the noise is the generator's first draw.
+    Below strength 1 an ``init_image`` is the start point (without one, strength has nothing to start from
+    and sampling runs in full)."""
     options = settings.sampling
     t0 = time.perf_counter()
     work = v12.working_size(None, options.size_level, size)
     cond, uncond = stages.encode(blank_reference(options.size_level), [prompt, settings.negative(True)])
     noise = v12.initial_noise(work, generator, dtype)
+    init = _init_latent(stages, settings, work, generator, dtype)
+    if init is None:
+        settings = replace(settings, strength=1.0)
     _add(timings, "encode_s", time.perf_counter() - t0)
-    return _sample_decode(stages, noise, cond, uncond, None, replace(settings, strength=1.0), size, callback,
-                          timings)
+    return _sample_decode(stages, noise, cond, uncond, None, settings, size, callback, timings, init)
 
 
-def _sample_decode(stages, noise, cond, uncond, reference, settings, original, callback, timings) -> Image.Image:
+def _init_latent(stages, settings: V12Settings, work: tuple[int, int], generator: torch.Generator,
+                 dtype: torch.dtype) -> Tensor | None:
+    """The latent of ``settings.init_image`` at the working size ``work``, or None (none given, or strength 1)."""
+    if settings.init_image is None or settings.strength >= 1.0:
+        return None
+    pixels = v12.vae_input(settings.init_image, work)
+    return stages.encode_reference(pixels, generator, settings.sample_vae).to(dtype)
+
+
+def _sample_decode(stages, noise, cond, uncond, reference, settings, original, callback, timings,
+                   init=None) -> Image.Image:
     t0 = time.perf_counter()
-    latent = stages.denoise(noise, cond, uncond, reference, settings, callback)
+    latent = stages.denoise(noise, cond, uncond, reference, settings, callback, init)
     _add(timings, "sample_s", time.perf_counter() - t0)
     t0 = time.perf_counter()
     pixels = v12.to_uint8(stages.decode(latent))
@@ -306,15 +327,15 @@ class ModuleStages:
         self.place("vae")
         return reference_latent(self.vae, pixels, generator, sample)
 
-    def denoise(self, noise, cond, uncond, reference, settings, callback):
+    def denoise(self, noise, cond, uncond, reference, settings, callback, init=None):
         self.place("dit")
         options = settings.sampling
         with torch.no_grad():
             return denoise(self.dit, noise, cond, uncond, reference=reference, steps=options.steps,
                            cfg_scale=options.cfg_scale, renorm_threshold=options.renorm_threshold,
-                           renorm_power=options.renorm_power, strength=settings.strength,
+                           renorm_power=options.renorm_power, strength=settings.strength, init_latent=init,
                            compute_dtype=self.dtype, device=self.device, rules=options.rules,
-                           teacache=settings.teacache, callback=callback)
+                           teacache=settings.teacache, regione=options.regione, callback=callback)
 
     def decode(self, latent):
         self.place("vae")

@@ -1,4 +1,4 @@
-"""Shared test fixtures: the official parity data, tiny seeded models and deterministic CPU math.
+"""Shared test fixtures: the reference sets (``reference_sets.py``), tiny seeded models and deterministic CPU math.
 
 Test modules request these by name; plain helpers live in ``helpers.py``, ``node_support.py`` and
 ``tiny_qwen.py``. Every tiny model set is built once per session in pytest's temporary folders."""
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from node_support import PACK_NAME, load_pack, run_node, tokenizer_for_tests, write_tiny_models
+from reference_sets import reference_folder
 
 torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True, warn_only=True)
@@ -28,28 +29,52 @@ def _env_dir(name: str, what: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def official_dir() -> Path:
-    """The folder of tensors produced by the official implementation (``fixtures/official``)."""
-    return _env_dir("STEP1X_FIXTURES", "the official parity fixtures folder")
+def _reference_set(name: str, root) -> Path:
+    try:
+        return reference_folder(name, root)
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")
-def v12_dir() -> Path:
-    """The folder of tensors produced by the v1.2 reference (``fixtures/v12``)."""
-    return _env_dir("STEP1X_FIXTURES_V12", "the v1.2 parity fixtures folder")
+def reference_root(tmp_path_factory) -> Path:
+    """Where this session rebuilds the reference sets (``official/``, ``v12/``, ``regione/`` side by side)."""
+    return tmp_path_factory.mktemp("reference-sets")
 
 
 @pytest.fixture(scope="session")
-def regione_dir() -> Path:
-    """The folder of per-step records produced by the RegionE reference (``fixtures/regione``)."""
-    return _env_dir("STEP1X_FIXTURES_REGIONE", "the RegionE parity fixtures folder")
+def official_dir(reference_root) -> Path:
+    """The folder of tensors produced by the official implementation (``fixtures/official``);
+    ``STEP1X_FIXTURES`` overrides it."""
+    return _reference_set("official", reference_root)
+
+
+@pytest.fixture(scope="session")
+def v12_dir(reference_root) -> Path:
+    """The folder of tensors produced by the v1.2 reference (``fixtures/v12``); ``STEP1X_FIXTURES_V12``
+    overrides it."""
+    return _reference_set("v12", reference_root)
+
+
+@pytest.fixture(scope="session")
+def regione_dir(reference_root) -> Path:
+    """The folder of per-step records produced by the RegionE reference (``fixtures/regione``);
+    ``STEP1X_FIXTURES_REGIONE`` overrides it."""
+    return _reference_set("regione", reference_root)
 
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir() -> Path:
-    """A folder with the real Qwen2.5 tokenizer files (vocab.json, merges.txt, tokenizer_config.json)."""
-    return _env_dir("STEP1X_QWEN_TOKENIZER", "a folder with the Qwen2.5 tokenizer files")
+    """A folder with the real Qwen2.5 tokenizer files (vocab.json, merges.txt, tokenizer_config.json):
+    ``STEP1X_QWEN_TOKENIZER``, else the copy bundled with the ComfyUI checkout in ``COMFYUI_PATH``."""
+    if not os.environ.get("STEP1X_QWEN_TOKENIZER") and os.environ.get("COMFYUI_PATH"):
+        from step1x.checkpoints.model_files import comfy_tokenizer
+
+        bundled = comfy_tokenizer(Path(os.environ["COMFYUI_PATH"]))
+        if bundled is not None:
+            return bundled
+    return _env_dir("STEP1X_QWEN_TOKENIZER", "a folder with the Qwen2.5 tokenizer files (or COMFYUI_PATH at a "
+                    "ComfyUI checkout, whose comfy/text_encoders/qwen25_tokenizer is used)")
 
 
 # ---------------------------------------------------------------------------------------- library: tiny DiT

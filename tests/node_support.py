@@ -26,8 +26,18 @@ BUILTINS = {
     "VAELoader": ([("vae_name", [])], ("VAE",)),
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], ("IMAGE",)),
     "EmptySD3LatentImage": ([("width", "INT"), ("height", "INT"), ("batch_size", "INT")], ("LATENT",)),
+    "KSampler": ([("model", "MODEL"), ("seed", "INT"), ("steps", "INT"), ("cfg", "FLOAT"), ("sampler_name", []),
+                  ("scheduler", []), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                  ("latent_image", "LATENT"), ("denoise", "FLOAT")], ("LATENT",)),
+    "SamplerCustomAdvanced": ([("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"),
+                               ("latent_image", "LATENT")], ("LATENT", "LATENT")),
+    "CFGGuider": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("cfg", "FLOAT")],
+                  ("GUIDER",)),
+    "KSamplerSelect": ([("sampler_name", [])], ("SAMPLER",)),
+    "RandomNoise": ([("noise_seed", "INT")], ("NOISE",)),
 }
-"""The ComfyUI built-in nodes the workflows may use (checked against the real ComfyUI in test_comfyui_server)."""
+"""The ComfyUI built-in nodes the workflows may use, with the outputs they use (checked against the real ComfyUI in
+test_comfyui_server, where a newer ComfyUI may add outputs after these: SaveImage returns its IMAGE in 0.33)."""
 
 
 def load_pack():
@@ -83,14 +93,28 @@ def write_tiny_models(root: Path, tokenizer: Path) -> dict[str, str]:
             "mllm": "tiny-qwen25-vl"}
 
 
+API_WORKFLOWS = WORKFLOWS / "api"
+"""API-format workflows live in a subfolder: ComfyUI lists every ``workflows/*.json`` as a template, and the
+template browser loads only the UI format."""
+
+
+def all_workflow_files() -> list[Path]:
+    return sorted(WORKFLOWS.rglob("*.json"))
+
+
 def ui_files() -> list[Path]:
     """The workflows in the UI format (with a ``nodes`` list)."""
-    return sorted(p for p in WORKFLOWS.glob("*.json") if "nodes" in json.loads(p.read_text(encoding="utf-8")))
+    return [p for p in all_workflow_files() if "nodes" in json.loads(p.read_text(encoding="utf-8"))]
 
 
 def api_files() -> list[Path]:
     """The workflows in the API format (a prompt: node id -> class_type and inputs)."""
-    return sorted(p for p in WORKFLOWS.glob("*.json") if "nodes" not in json.loads(p.read_text(encoding="utf-8")))
+    return [p for p in all_workflow_files() if "nodes" not in json.loads(p.read_text(encoding="utf-8"))]
+
+
+def template_files() -> list[Path]:
+    """The workflows ComfyUI offers as the pack's templates: the JSON files directly in ``workflows/``."""
+    return sorted(WORKFLOWS.glob("*.json"))
 
 
 def run_node(pack, node_id: str, **inputs):

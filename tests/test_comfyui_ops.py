@@ -1,7 +1,9 @@
-"""Inside the real ComfyUI, the pack's casting Linear casts its weight straight to the autocast dtype
-(bf16 weights are not copied to float32 only for autocast to cast them back) and gives the same numbers as
-a plain Linear under autocast, for bf16 and fp8 weights; with newer ComfyUI's offloadable cast it releases
-the cast through ``uncast_bias_weight`` as ComfyUI's own layers do.
+"""Inside the real ComfyUI, the pack's casting Linear asks ComfyUI's cast for the autocast dtype (bf16 weights
+are never copied to float32 only for autocast to cast them back) and gives the same numbers as a plain Linear
+under autocast, for bf16 and fp8 weights; with newer ComfyUI's offloadable cast it releases the cast through
+``uncast_bias_weight`` as ComfyUI's own layers do. (ComfyUI 0.3.64 converts inside ``cast_to``; 0.33 moves the
+weight with ``cast_to`` without a dtype and converts it afterwards: both are checked by what the layer asks for
+and by the dtypes ``cast_to`` is asked for.)
 
 Needs ``COMFYUI_PATH`` (a ComfyUI checkout) and optionally ``COMFYUI_PYTHON`` (its interpreter).
 """
@@ -38,9 +40,14 @@ from node_support import load_pack
 load_pack()
 bridge = sys.modules["step1x_edit_pack.nodes._comfy"]
 ops = bridge.operations()
-requested = []
+requested, asked = [], []
 original = mm.cast_to
 mm.cast_to = lambda w, dtype=None, *a, **k: requested.append(dtype) or original(w, dtype, *a, **k)
+original_cast = comfy.ops.cast_bias_weight
+def asking_cast(s, *args, **kwargs):
+    asked.append([str(kwargs.get("dtype")), str(kwargs.get("bias_dtype"))])
+    return original_cast(s, *args, **kwargs)
+comfy.ops.cast_bias_weight = asking_cast
 g = torch.Generator().manual_seed(0)
 x = torch.randn(3, 8, generator=g)
 result = {}
@@ -49,11 +56,13 @@ for name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
     layer.weight = torch.nn.Parameter((torch.randn(4, 8, generator=g) * 0.3).to(dtype), requires_grad=False)
     layer.bias = torch.nn.Parameter(torch.randn(4, generator=g).to(torch.bfloat16), requires_grad=False)
     requested.clear()
+    asked.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = layer(x)
         want = F.linear(x, layer.weight.to(torch.bfloat16), layer.bias)
     result[name] = {"equal": bool(torch.equal(got, want)), "dtype": str(got.dtype),
-                    "requested": sorted({str(d) for d in requested})}
+                    "requested": sorted({str(d) for d in requested}), "asked": list(asked)}
+comfy.ops.cast_bias_weight = original_cast
 plain = ops.Linear(8, 4, dtype=torch.float32)
 plain.weight = torch.nn.Parameter(torch.randn(4, 8, generator=g), requires_grad=False)
 plain.bias = torch.nn.Parameter(torch.randn(4, generator=g), requires_grad=False)
@@ -88,8 +97,14 @@ def result():
 
 
 @pytest.mark.parametrize("weights", ["bf16", "fp8"])
-def test_under_autocast_weights_are_cast_to_the_autocast_dtype_only(result, weights):
-    assert result[weights]["requested"] == ["torch.bfloat16"]
+def test_under_autocast_the_layer_asks_comfyui_for_the_autocast_dtype(result, weights):
+    assert result[weights]["asked"] == [["torch.bfloat16", "torch.bfloat16"]]
+
+
+@pytest.mark.parametrize("weights", ["bf16", "fp8"])
+def test_under_autocast_no_weight_is_copied_to_float32(result, weights):
+    assert result[weights]["requested"], "the probe saw no cast_to call"
+    assert set(result[weights]["requested"]) <= {"torch.bfloat16", "None"}, result[weights]["requested"]
 
 
 @pytest.mark.parametrize("weights", ["bf16", "fp8"])

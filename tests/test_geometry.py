@@ -5,7 +5,15 @@ import json
 import pytest
 from PIL import Image
 
-from step1x.geometry import ImageSizeError, check_dims, resize_to_size_level, restore_size, size_level_dims
+from step1x.geometry import (
+    ImageSizeError,
+    check_dims,
+    resize_to_size_level,
+    restore_size,
+    size_level_dims,
+    smallest_size_level,
+    upscale_note,
+)
 
 
 @pytest.mark.parametrize("size,level,expected", [
@@ -39,6 +47,31 @@ def test_one_pixel_image_is_refused_with_the_reason():
 def test_aspect_too_extreme_for_the_size_level_is_refused():
     with pytest.raises(ImageSizeError, match="short side falls below 16"):
         size_level_dims(100000, 16, 64)
+
+
+def test_a_4_3_image_at_size_level_16_is_told_the_smallest_size_level_that_works():
+    with pytest.raises(ImageSizeError, match=r"image is 640x480 pixels: at size_level 16 .* Use size_level 18 or more"):
+        size_level_dims(640, 480, 16)
+    assert size_level_dims(640, 480, 18) == (16, 16)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 16), (16, 5000), (3000, 17), (100000, 16)])
+def test_the_smallest_size_level_is_the_first_that_works(size):
+    level = smallest_size_level(*size)
+    assert min(size_level_dims(*size, level)) >= 16
+    if level > 16:
+        with pytest.raises(ImageSizeError):
+            size_level_dims(*size, level - 1)
+
+
+def test_a_size_level_that_upscales_a_small_image_many_times_gets_a_note():
+    note = upscale_note(128, 96, 4096)
+    assert "size_level 4096 upscales the 128x96 image 36.9 times, to 4720x3536 (65195 image tokens" in note
+
+
+@pytest.mark.parametrize("size, level", [((128, 96), 512), ((1000, 1000), 1024), ((4000, 3000), 2048)])
+def test_ordinary_size_levels_get_no_note(size, level):
+    assert upscale_note(*size, level) is None
 
 
 def test_resize_keeps_aspect_and_restore_returns_the_original_size():

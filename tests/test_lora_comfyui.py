@@ -156,34 +156,8 @@ def server(tmp_path_factory, files):
     (base / "models" / "loras").mkdir()
     (base / "models" / "loras" / "tiny_lora.safetensors").write_bytes(
         (files[0] / "loras" / "tiny_lora.safetensors").read_bytes())
-    yield from _start(real, base)
-
-
-def _start(real, base: Path):
-    import time
-    import urllib.error
-
-    port, log = real._free_port(), base / "comfyui.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
-             "--disable-auto-launch"], cwd=COMFYUI, stdout=out, stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
-    try:
-        srv = real.Server(f"http://127.0.0.1:{port}", base, log)
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, log.read_text(errors="replace")[-4000:]
-            try:
-                srv.get("/object_info/SaveImage")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert time.monotonic() < deadline, f"ComfyUI did not answer within 180 s; see {log}"
-                time.sleep(0.5)
+    with real.serve(base) as srv:
         yield srv
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def _with_lora(real, strength: float, seed: int) -> dict:

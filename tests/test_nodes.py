@@ -33,6 +33,9 @@ def test_one_table_feeds_both_mappings(pack):
         "Step1XEditVAELoader", "Step1XEditInstructionEncode", "Step1XEditConnector", "Step1XEditSampler",
         "Step1XEditVAEDecode", "Step1XEditVAEEncode", "Step1XEditResize", "Step1XEditRestoreSize",
         "Step1XEditThink", "Step1XEditReflect", "Step1XEditReasonEdit",
+        "Step1XEditRegionE",
+        "Step1XEditModelLoader", "Step1XEditEncode", "Step1XEditSigmas", "Step1XEditModelSampling",
+        "Step1XEditCFGRenorm",
     }
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from node_support import bind, fake_embeds, image, run_node, sample
+from node_support import bind, fake_embeds, image, lib, run_node, sample
 
 REFERENCE = {"samples": torch.zeros(1, 16, 6, 8)}
 
@@ -19,6 +19,15 @@ def test_missing_model_file_names_the_folder(pack, model_names):
 def test_flux_checkpoint_in_the_dit_loader_is_named_as_such(pack, model_names):
     with pytest.raises(ValueError, match=r"flux1-dev-tiny\.safetensors is a FLUX\.1-dev style DiT.*not a Step1X-Edit"):
         run_node(pack, "Step1XEditDiTLoader", unet_name=model_names["flux"], weight_dtype="default", attention="auto")
+
+
+def test_an_error_carries_the_packs_own_type_name_not_the_folder_it_was_imported_from(pack, model_names):
+    """ComfyUI reports ``type.__module__ + "." + qualname``; the pack is imported under its folder's name."""
+    with pytest.raises(ValueError) as raised:
+        run_node(pack, "Step1XEditDiTLoader", unet_name=model_names["flux"], weight_dtype="default", attention="auto")
+    kind = type(raised.value)
+    assert kind is lib("checkpoints.safetensors_file").CheckpointError, "the pack's own copy of the class"
+    assert f"{kind.__module__}.{kind.__qualname__}" == "step1x.checkpoints.safetensors_file.CheckpointError"
 
 
 def test_sdxl_vae_in_the_vae_loader_is_refused(pack, model_names):

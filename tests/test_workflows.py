@@ -1,13 +1,23 @@
 """Every workflow in workflows/ refers only to node types and inputs the pack defines or to the ComfyUI
 built-ins listed in BUILTINS, with the widget values the frontend expects (UI format) and complete, typed
-links (both formats)."""
+links (both formats). The templates ComfyUI lists (the JSON files directly in workflows/) are UI workflows
+with a thumbnail each, laid out left to right without overlaps (the frontend check measures the rest)."""
 
 import json
 import re
 
 import pytest
 
-from node_support import BUILTINS, WORKFLOWS, api_files, load_pack, ui_files
+from node_support import (
+    API_WORKFLOWS,
+    BUILTINS,
+    WORKFLOWS,
+    all_workflow_files,
+    api_files,
+    load_pack,
+    template_files,
+    ui_files,
+)
 
 SCALARS = ("INT", "FLOAT", "STRING", "BOOLEAN")
 
@@ -16,6 +26,12 @@ FRONTEND_ONLY = {"Note": 1, "MarkdownNote": 1}
 
 EXTRA_WIDGET_VALUES = {"LoadImage": {"image": 1}}
 """Widgets that save a second value: LoadImage's upload button."""
+
+
+TITLE_HEIGHT = 30
+"""Height of a node's title bar above its ``pos`` (LiteGraph's NODE_TITLE_HEIGHT)."""
+
+THUMBNAIL_MAX_BYTES = 60_000
 
 
 def definitions():
@@ -29,6 +45,11 @@ def definitions():
                   for section in ("required", "optional") for n, spec in types.get(section, {}).items()]
         out[name] = (inputs, tuple(cls.RETURN_TYPES))
     return out
+
+
+def output_names():
+    """class_type -> the output names the pack's nodes give (RETURN_NAMES)."""
+    return {name: tuple(cls.RETURN_NAMES) for name, cls in load_pack().NODE_CLASS_MAPPINGS.items()}
 
 
 def is_widget(kind) -> bool:
@@ -46,9 +67,32 @@ def widget_value_count(class_type, inputs) -> int:
 
 
 def test_the_promised_workflows_exist():
-    names = {p.stem for p in WORKFLOWS.glob("*.json")}
-    assert {"step1x_edit_basic", "step1x_edit_lowvram_fp8", "step1x_text_to_image", "step1x_edit_mask",
-            "step1x_edit_api"} <= names
+    assert {p.stem for p in template_files()} >= {"step1x_edit_basic", "step1x_edit_lowvram_fp8",
+                                                  "step1x_text_to_image", "step1x_edit_mask",
+                                                  "step1x_edit_gguf", "step1x_native_ksampler",
+                                                  "step1x_native_custom_sampler"}
+    assert (API_WORKFLOWS / "step1x_edit_api.json").is_file()
+
+
+def test_templates_are_ui_workflows_and_api_workflows_sit_in_their_subfolder():
+    """ComfyUI offers every workflows/*.json as a template, and its template browser loads only UI workflows."""
+    assert set(template_files()) <= set(ui_files())
+    assert all(p.parent == API_WORKFLOWS for p in api_files())
+
+
+@pytest.mark.parametrize("path", template_files(), ids=lambda p: p.name)
+def test_every_template_has_a_small_jpeg_thumbnail_of_the_same_name(path):
+    from PIL import Image
+
+    thumbnail = path.with_suffix(".jpg")  # the frontend asks for <template name>.jpg
+    assert thumbnail.is_file(), f"{path.name} has no thumbnail {thumbnail.name}"
+    assert thumbnail.stat().st_size <= THUMBNAIL_MAX_BYTES
+    with Image.open(thumbnail) as image:
+        assert image.format == "JPEG" and min(image.size) >= 256, (image.format, image.size)
+
+
+def test_no_thumbnail_lacks_its_template():
+    assert {p.stem for p in WORKFLOWS.glob("*.jpg")} == {p.stem for p in template_files()}
 
 
 @pytest.mark.parametrize("path", ui_files(), ids=lambda p: p.name)
@@ -83,6 +127,8 @@ def test_ui_workflow_matches_the_node_definitions(path):
             f"expected {widget_value_count(kind, inputs)}")
         _check_widget_values(path.name, kind, inputs, node.get("widgets_values", []))
         assert [o["type"] for o in node["outputs"]] == list(outputs), f"{path.name}: {kind} outputs"
+        if kind in output_names():
+            assert tuple(o["name"] for o in node["outputs"]) == output_names()[kind], f"{path.name}: {kind} names"
     for link_id, src, src_slot, dst, dst_slot, _link_type in wf["links"]:
         assert link_id in nodes[src]["outputs"][src_slot]["links"], f"{path.name}: link {link_id} not on its output"
         assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
@@ -129,7 +175,7 @@ def test_api_workflow_matches_the_node_definitions(path):
 
 def test_the_api_workflow_is_the_basic_ui_workflow():
     ui = json.loads((WORKFLOWS / "step1x_edit_basic.json").read_text(encoding="utf-8"))
-    api = json.loads((WORKFLOWS / "step1x_edit_api.json").read_text(encoding="utf-8"))
+    api = json.loads((API_WORKFLOWS / "step1x_edit_api.json").read_text(encoding="utf-8"))
     ui_types = {str(n["id"]): n["type"] for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY}
     assert ui_types == {k: v["class_type"] for k, v in api.items()}
 
@@ -148,6 +194,32 @@ def _strings(value):
 def test_workflows_hold_no_machine_paths():
     """File widgets hold names relative to ComfyUI's model folders, never absolute paths."""
     absolute = re.compile(r"^(/|~|[A-Za-z]:[\\/]|\\\\)")
-    for path in WORKFLOWS.glob("*.json"):
+    for path in all_workflow_files():
         found = [v for v in _strings(json.loads(path.read_text(encoding="utf-8"))) if absolute.match(v)]
         assert not found, f"{path.name} holds machine paths: {found}"
+
+
+def _rect(node) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of a node with its title bar, in graph coordinates."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE_HEIGHT, x + w, y + h
+
+
+@pytest.mark.parametrize("path", ui_files(), ids=lambda p: p.name)
+def test_nodes_do_not_overlap_and_every_link_runs_left_to_right(path):
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    rects = {i: _rect(n) for i, n in nodes.items()}
+    for a in rects:
+        for b in rects:
+            if a < b:
+                (l1, t1, r1, b1), (l2, t2, r2, b2) = rects[a], rects[b]
+                assert r1 <= l2 or r2 <= l1 or b1 <= t2 or b2 <= t1, f"{path.name}: nodes {a} and {b} overlap"
+    for link_id, src, _, dst, _, _ in wf["links"]:
+        assert rects[src][2] < rects[dst][0], f"{path.name}: link {link_id} ({src} -> {dst}) runs backwards"
+
+
+@pytest.mark.parametrize("path", ui_files(), ids=lambda p: p.name)
+def test_every_ui_workflow_is_saved_with_a_view(path):
+    ds = json.loads(path.read_text(encoding="utf-8"))["extra"]["ds"]
+    assert 0.3 <= ds["scale"] <= 1.5 and len(ds["offset"]) == 2

@@ -154,7 +154,7 @@ class LoraPlan:
 
 def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     """(out, in) of every Linear layer of ``model`` by module name (its weight key less ``.weight``)."""
-    return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
 def _kohya_names(shapes) -> dict[str, str]:
@@ -190,6 +190,35 @@ def _rename(name: str) -> tuple[str, str | tuple[str, int | str] | None]:
                 return layout, (f"{official}.{index}.{hit[0]}", hit[1])
             return layout, hit and f"{official}.{index}.{hit}"
     return "", None
+
+
+def module_names(shapes) -> dict[str, tuple[str, int | None]]:
+    """Every module name of a LoRA file that this reader maps onto a layer of a DiT with these Linear
+    ``shapes`` (:func:`linear_shapes`): name -> (official module name, stacked part or None). For tools
+    that look LoRA modules up by name (ComfyUI's LoRA key map) instead of translating them."""
+    names: dict[str, tuple[str, int | None]] = {}
+    renamed: dict[str, tuple[str, int | None]] = {}
+    for theirs, ours in _DIFFUSERS_TOP.items():
+        renamed[theirs] = (ours, None)
+    for tables in (_DIFFSYNTH, _DIFFUSERS):
+        for kind, (official, renames) in tables.items():
+            for module in shapes:
+                match = _BLOCK.match(module)
+                if not match or match.group(1) != official:
+                    continue
+                index, rest = match.group(2), match.group(3)
+                for theirs, hit in renames.items():
+                    target, part = hit if isinstance(hit, tuple) else (hit, None)
+                    if target == rest:
+                        renamed[f"{kind}.{index}.{theirs}"] = (module, part)
+    for module in shapes:
+        names[KOHYA_PREFIX + module.replace(".", "_")] = (module, None)
+        renamed[module] = (module, None)
+    for name, hit in renamed.items():
+        if hit[0] in shapes:
+            for prefix in ("", *PREFIXES):
+                names[prefix + name] = hit
+    return names
 
 
 def _group(header: Header) -> tuple[dict[str, dict[str, str]], list[str]]:
@@ -363,6 +392,10 @@ def merge_lora(model: nn.Module, patch: LoraPatch, strength: float = 1.0, *, bac
 
 
 def _merge(params, modules, strength, backup, backup_device) -> None:
+    quantized = [m.target for m in modules if not params[m.target].is_floating_point()]
+    if quantized:
+        raise ValueError(f"{quantized[0]} is stored quantised (GGUF blocks); a LoRA cannot be merged into it. Use "
+                         "apply_lora, which keeps a low-rank branch beside such weights.")
     with torch.no_grad():
         for module in modules:
             weight = params[module.target]
@@ -420,18 +453,24 @@ class LoraHandle:
         self.merged, self.branches, self.backup = [], [], None
 
 
+def _keeps_branch(weight: Tensor) -> bool:
+    """fp8 weights, and quantised ones (GGUF blocks, stored as uint8), get a low-rank branch, not a merge."""
+    return weight.dtype in FP8_DTYPES or not weight.is_floating_point()
+
+
 def apply_lora(model: nn.Module, patch: LoraPatch, strength: float = 1.0, *,
                backup_device: torch.device | str | None = None) -> LoraHandle:
     """Apply ``patch`` at ``strength``: merged into weights stored in 16 or 32 bits (no cost per step),
-    as a :class:`LoraBranch` beside fp8 weights (rounding a merged fp8 weight would lose most of the delta;
-    the branch keeps it exact for a few small matmuls per layer). With ``backup_device``, the original of
-    every merged weight is kept there so that :meth:`LoraHandle.remove` restores it exactly."""
+    as a :class:`LoraBranch` beside fp8 and GGUF-quantised weights (rounding a merged fp8 weight would lose
+    most of the delta, and quantised blocks cannot be changed in place; the branch keeps it exact for a few
+    small matmuls per layer). With ``backup_device``, the original of every merged weight is kept there so
+    that :meth:`LoraHandle.remove` restores it exactly."""
     handle = LoraHandle(model, patch, strength, backup=None if backup_device is None else {})
     if strength == 0:
         return handle
     params, layers = dict(model.named_parameters()), dict(model.named_modules())
     for module in patch.modules:
-        if params[module.target].dtype in FP8_DTYPES:
+        if _keeps_branch(params[module.target]):
             linear = layers[module.target[: -len(".weight")]]
             branch = LoraBranch(module.up, module.down, strength * module.scale).to(params[module.target].device)
             name = next(f"lora_branch_{i}" for i in itertools.count() if not hasattr(linear, f"lora_branch_{i}"))

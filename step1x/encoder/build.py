@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..checkpoints.loading import declared_tensors, unloaded_tensors
 from ..checkpoints.safetensors_file import open_tensors
 from . import keys as K
 from .checkpoint import Checkpoint, CheckpointError, is_fp8
@@ -92,7 +93,7 @@ def assign_weights(
     """Read every tensor of ``ckpt`` into ``model`` on ``device``; float tensors become ``dtype``
     (fp8 ones dequantised with their scale unless ``keep_fp8`` keeps Linear weights in float8;
     ``quantize_fp8`` stores the block Linear weights of a full-precision checkpoint in float8 too)."""
-    expected = dict(model.state_dict(keep_vars=True))
+    expected = declared_tensors(model)  # lazily built layers included
     new_layout = K.uses_new_layout(expected)
     linears = _linear_weights(model)
     state: dict[str, torch.Tensor] = {}
@@ -107,10 +108,10 @@ def assign_weights(
                     unexpected.append(name)
                     continue
                 entry = ckpt.entries[name]
-                if tuple(slot.shape) != entry.shape:
+                if slot != entry.shape:
                     raise CheckpointError(
                         f"{entry.file}: tensor {entry.stored} has shape {list(entry.shape)}, the model expects "
-                        f"{list(slot.shape)}. The weights do not belong to this model configuration."
+                        f"{list(slot)}. The weights do not belong to this model configuration."
                     )
                 tensor = ckpt.read(handle, name)
                 scale = ckpt.read_scale(handle, name)
@@ -141,7 +142,7 @@ def assign_weights(
 
 
 def _check_complete(model: nn.Module, ckpt: Checkpoint) -> None:
-    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    missing = unloaded_tensors(model)
     if missing:
         shown = ", ".join(K.canonical(n) for n in missing[:6])
         raise CheckpointError(

@@ -88,6 +88,26 @@ def load_text_encoder(
     return TextEncoder(model, tokenizer, image_processor, dtype=dtype, source=path)
 
 
+def check_text_encoder(path: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
+                       generation: bool = False) -> Path:
+    """What :func:`load_text_encoder` checks before it reads weights, from headers, configs and tokenizer files
+    alone: the text encoder at ``path`` (file, folder or model folder), its config, its tokenizer and, with
+    ``generation``, its language-model head. Returns the tokenizer folder it would use."""
+    path = text_encoder_path(Path(path))
+    ckpt = open_checkpoint(path, keep_lm_head=generation)
+    tokenizer_folder = _tokenizer_folder(path, ckpt.kind, tokenizer_dir)
+    config_data, config_source = _config_for(ckpt, None)
+    model_config = checked_config(ckpt, config_data, config_source)
+    if generation and LM_HEAD not in ckpt.entries and not getattr(model_config, "tie_word_embeddings", False):
+        raise CheckpointError(
+            f"{path} has no {LM_HEAD}, so the model cannot write text (thinking/reflection). Use a checkpoint with "
+            "the language-model head, e.g. the text_encoder folder of Step1X-Edit-v1p2 or the Qwen2.5-VL-7B-Instruct "
+            "folder, or load with generation=False to encode only."
+        )
+    load_tokenizer(tokenizer_folder)
+    return tokenizer_folder
+
+
 def text_encoder_path(path: Path) -> Path:
     """The Qwen2.5-VL folder or file inside ``path``: ``path/text_encoder`` for a diffusers-layout model
     folder, ``path`` otherwise. A model folder without ``text_encoder/`` is a clear error."""

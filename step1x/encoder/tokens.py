@@ -109,8 +109,12 @@ def prompt_ids(tokenizer, instruction: str, num_image_tokens: int) -> list[int]:
     return ids
 
 
-def check_placeholders(ids: list[int], num_image_tokens: int, instruction: str) -> None:
-    """Raise when the instruction itself holds image or video placeholder tokens."""
+PLACEHOLDER_FIX = "remove it or put it in quotes."
+PLACEHOLDER_FIX_V12 = "remove it (the v1.2 template reads it as a placeholder even in quotes)."
+
+
+def check_placeholders(ids: list[int], num_image_tokens: int, instruction: str, fix: str = PLACEHOLDER_FIX) -> None:
+    """Raise when the instruction itself holds image or video placeholder tokens; ``fix`` ends the message."""
     found = []
     if ids.count(IMAGE_PAD_ID) > num_image_tokens:
         found.append(RESERVED_IN_INSTRUCTION[IMAGE_PAD_ID])
@@ -120,7 +124,7 @@ def check_placeholders(ids: list[int], num_image_tokens: int, instruction: str) 
         shown = instruction if len(instruction) <= 80 else instruction[:77] + "..."
         raise ValueError(
             f"the instruction {shown!r} contains {', '.join(found)}, a placeholder reserved for the reference "
-            "image; remove it or put it in quotes."
+            f"image; {fix}"
         )
 
 
@@ -144,5 +148,5 @@ def prompt_ids_v12(tokenizer, instruction: str, num_image_tokens: int) -> tuple[
             chunk_ids = [IMAGE_PAD_ID] * num_image_tokens
         ids.extend(chunk_ids)
         mask.extend([int(chunk.quoted)] * len(chunk_ids))
-    check_placeholders(ids, num_image_tokens, instruction)
+    check_placeholders(ids, num_image_tokens, instruction, PLACEHOLDER_FIX_V12)
     return ids, mask

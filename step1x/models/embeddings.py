@@ -48,10 +48,12 @@ def rope_table(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> Tensor:
 def apply_rope(xq: Tensor, xk: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
     """Rotate interleaved pairs of q and k (B, L, H, D) in float32 (the official order of products);
     returns (B, L, H, D) tensors in the input dtype."""
-    return _rotate(xq, pe), _rotate(xk, pe)
+    return rotate(xq, pe), rotate(xk, pe)
 
 
-def _rotate(x: Tensor, pe: Tensor) -> Tensor:
+def rotate(x: Tensor, pe: Tensor) -> Tensor:
+    """Rotate one (B, L, H, D) tensor by a RoPE table of the same length (queries and keys of different
+    lengths, as in region attention, take different tables)."""
     x_t = x.transpose(1, 2)
     pairs = x_t.float().reshape(*x_t.shape[:-1], -1, 1, 2)
     out = pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]

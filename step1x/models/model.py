@@ -106,10 +106,11 @@ class Step1XEdit(nn.Module):
 
     def transformer(
         self, img: Tensor, img_ids: Tensor, txt_ids: Tensor, timesteps: Tensor, txt: Tensor, y: Tensor,
-        pe: Tensor | None = None, cache: TeaCache | None = None,
+        pe: Tensor | None = None, cache: TeaCache | None = None, blocks=None,
     ) -> Tensor:
         """Everything after the connector: ``txt`` are its tokens, ``y`` its pooled vector. ``cache``
-        (TeaCache) may skip the blocks on steps whose input barely changed."""
+        (TeaCache) may skip the blocks on steps whose input barely changed. ``blocks`` replaces the pass over
+        the blocks (an accelerator's own, e.g. RegionE's), called as ``blocks(model, img, txt, vec, pe)``."""
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(
                 f"img and txt must be (batch, tokens, channels); got {tuple(img.shape)}, {tuple(txt.shape)}")
@@ -119,5 +120,8 @@ class Step1XEdit(nn.Module):
         txt = self.txt_in(txt)
         if pe is None:
             pe = self.rope(torch.cat((txt_ids, img_ids), dim=1))
-        img = run_blocks_cached(self, img, txt, vec, pe, cache)
+        if blocks is not None:
+            img = blocks(self, img, txt, vec, pe)
+        else:
+            img = run_blocks_cached(self, img, txt, vec, pe, cache)
         return self.final_layer(img, vec)

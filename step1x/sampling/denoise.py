@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -89,10 +90,25 @@ def reference_ids(batch: int, h_tokens: int, w_tokens: int, version: str, rules:
 # ----------------------------------------------------------------------------------------------- noise
 
 
+MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
+"""Seeds are 0 to 2**64 - 1, the range of torch's generator (and of ComfyUI's seed widgets)."""
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int, refusing what is not a whole number in 0 ... 2**64 - 1 (instead of wrapping it)."""
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        raise ValueError(f"the seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}") from None
+    if not 0 <= value <= MAX_SEED or isinstance(seed, bool):
+        raise ValueError(f"the seed must be a whole number from 0 to {MAX_SEED} (2**64 - 1), got {seed!r}")
+    return value
+
+
 def make_noise(shape: tuple[int, ...], seed: int) -> Tensor:
     """Standard normal noise from a CPU generator seeded with ``seed`` (float32): the same numbers on every
     device, and the same as ComfyUI's own noise for that seed."""
-    generator = torch.Generator(device="cpu").manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    generator = torch.Generator(device="cpu").manual_seed(check_seed(seed))
     return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
 
 
@@ -232,6 +248,7 @@ def denoise(
     teacache: float = 0.0,
     callback: Callable[[StepInfo], None] | None = None,
     rules: SamplerRules | None = None,
+    regione=None,
 ) -> Tensor:
     """Sample latents (B, 16, h, w) in model space, returned as float32.
 
@@ -249,13 +266,29 @@ def denoise(
       applies while the time exceeds the threshold, on the scale ``rules`` give (see
       :attr:`.rules.SamplerRules.renorm_time_scale`).
     * ``strength`` < 1 starts from ``init_latent`` (or the reference when none is given) at the official
-      start index. ``keep_mask`` (B|1, 1, h, w), 1 where editing is allowed: outside it each step is reset
-      to the reference noised to the current time, so the result keeps the reference there.
+      start index; ``strength`` 0 returns that start point unchanged. ``keep_mask`` (B|1, 1, h, w), 1 where
+      editing is allowed: outside it each step is reset to the reference noised to the current time, so the
+      result keeps the reference there.
     * ``connector``: the function from (llm_embedding, t_vec, mask) to (txt, y); defaults to the model's.
     * ``teacache`` > 0 skips the transformer blocks on steps whose input barely changed (the official
       TeaCache; 0.2 is the official default threshold; results differ from a full run).
     * ``callback`` runs after every step; raising from it stops sampling (cancel).
+    * ``regione`` (a :class:`~step1x.sampling.regione_rules.RegionEConfig`): sample with RegionE, which computes
+      only the edited region after a few full steps (see :mod:`step1x.sampling.regione`), under the same
+      ``rules``; not with TeaCache.
     """
+    if regione is not None:
+        if teacache:
+            raise ValueError("RegionE and TeaCache both skip DiT work per step and cannot be combined; "
+                             "turn one of them off")
+        from .regione import regione_denoise
+
+        return regione_denoise(
+            model, noise, cond, uncond, config=regione, reference=reference, steps=steps, cfg_scale=cfg_scale,
+            renorm_threshold=renorm_threshold, renorm_power=renorm_power, strength=strength, init_latent=init_latent,
+            keep_mask=keep_mask, compute_dtype=compute_dtype, device=device, connector=connector,
+            sequential_cfg=sequential_cfg, timesteps=timesteps, callback=callback, rules=rules,
+        )
     device = device or noise.device
     batch, channels, h, w = noise.shape
     if channels != LATENT_CHANNELS:
@@ -280,6 +313,8 @@ def denoise(
         if start is None:
             raise ValueError("denoise strength below 1 needs an init latent or a reference image to start from")
         start = _batch(start, batch, "init latent").to(device)
+        if len(timesteps) == 1:  # strength 0: no step to take; the start point is the result, untouched
+            return start.float().clone()
         t0 = timesteps[0]
         x = t0 * x + (1.0 - t0) * start.to(x.dtype)
     mask = None

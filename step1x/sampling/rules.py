@@ -14,6 +14,9 @@ Both samplers are rectified-flow Euler steps with true CFG and the renorm of the
   Euler step adds ``dt * v`` (in the velocity's dtype) to the latent upcast to float32 and casts back;
   cond and uncond as separate batch-1 calls, each with its own text length and positions; no autocast;
   reference tokens at ``(1, row, col)``.
+
+:data:`DIFFUSERS_V11` is the fork's diffusers v1.1 pipeline (the v1.2 rules with the official CFG batch and
+v1.1 reference positions), on which the RegionE reference ran.
 """
 
 from __future__ import annotations
@@ -92,6 +95,13 @@ OFFICIAL = SamplerRules("official")
 V12 = SamplerRules("v1.2", diffusers_schedule=True, diffusers_timestep=True, renorm_time_scale=NUM_TRAIN_TIMESTEPS,
                    fp32_euler=True, separate_cfg=True, autocast=False, reference_rows_from_zero=True)
 """Step1X-Edit v1.2 as its reference pipeline samples (renorm at every step with threshold 0.93)."""
+
+
+DIFFUSERS_V11 = replace(V12, name="v1.1 diffusers", separate_cfg=False, reference_rows_from_zero=False)
+"""Step1X-Edit v1.1 as the diffusers ``Step1XEditPipeline`` of the v1.2 fork samples (the pipeline RegionE's
+reference code runs on): the v1.2 schedule, DiT time, renorm condition and Euler step, with cond and uncond as
+one [cond; uncond] batch (text zero-positioned, padded alike) and the official v1.1 reference positions
+``(1, row + 1, col + 1)``."""
 
 
 def rules_for(version: str) -> SamplerRules:

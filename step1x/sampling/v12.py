@@ -9,7 +9,8 @@ its valid tokens, with ``txt_ids``, ``text_embeds`` and ``text_mask``); everythi
 2. Randomness: one CPU generator seeded with ``seed``, drawn first for the VAE posterior sample of the
    reference (``mean + exp(logvar / 2) * eps``, logvar clamped to [-30, 20]), then for the initial noise.
 3. Sampling: :func:`~step1x.sampling.denoise.denoise` under the v1.2 rules (:data:`.rules.V12`): cond and
-   uncond as separate calls, renorm at every step with threshold 0.93 unless ``official_renorm``.
+   uncond as separate calls, renorm at every step with threshold 0.93 unless ``official_renorm``; with
+   ``regione``, RegionE under the same rules.
 4. Output: ``z / scale + shift`` decoded, ``(x / 2 + 0.5).clamp(0, 1) * 255`` **rounded** to uint8, then a
    PIL BICUBIC resize back to the input size.
 
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from ..geometry import size_level_dims
 from .denoise import LATENT_CHANNELS, Conditioning, StepInfo, denoise
+from .regione_rules import RegionEConfig
 from .rules import V12
 
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -48,6 +50,8 @@ class V12Options:
     official_renorm: bool = False
     """Renorm only while ``t`` in [0, 1] exceeds the threshold, as v1.1 does; the reference compares its
     0-1000 timestep, which renorms at every step with the default 0.93."""
+    regione: RegionEConfig | None = None
+    """RegionE settings (None: off): after the warm-up only the edited region is computed (edits only)."""
 
     @property
     def rules(self):
@@ -136,7 +140,7 @@ def edit(dit, vae, image: Image.Image | None, cond: Conditioning, uncond: Condit
         latent = denoise(dit, noise, cond, uncond, reference=reference, steps=options.steps,
                          cfg_scale=options.cfg_scale, renorm_threshold=options.renorm_threshold,
                          renorm_power=options.renorm_power, compute_dtype=dtype, device=device,
-                         rules=options.rules, callback=callback)
+                         rules=options.rules, callback=callback, regione=options.regione)
         pixels = to_uint8(decode(vae, latent.to(dtype)))
     original = image.size if image is not None else (size or (options.size_level, options.size_level))
     return restore_size(pixels[0], original)
