@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from node_support import ROOT, WORKFLOWS
+from node_support import API_WORKFLOWS, ROOT, WORKFLOWS
 
 COMFYUI = os.environ.get("COMFYUI_PATH")
 if not COMFYUI:
@@ -318,7 +318,7 @@ def test_cancel_stops_a_reasoning_edit_between_tokens(server, info):
 
 def test_a_workflow_saved_before_the_v12_inputs_still_runs(server):
     """API prompts saved without Instruction Encode's layout and the MLLM loader's lm_head (layout auto, no head)."""
-    prompt = json.loads((WORKFLOWS / "step1x_edit_api.json").read_text(encoding="utf-8"))
+    prompt = json.loads((API_WORKFLOWS / "step1x_edit_api.json").read_text(encoding="utf-8"))
     prompt["2"]["inputs"].pop("lm_head")
     prompt["5"]["inputs"].pop("layout")
     prompt["1"]["inputs"]["unet_name"] = prompt["2"]["inputs"]["mllm_name"] = V12
