@@ -10,14 +10,14 @@ from __future__ import annotations
 import torch
 
 from ..step1x import stepwise
-from ..step1x.checkpoints.loading import load_dit
+from ..step1x.checkpoints.loading import inspect_dit, load_dit
 from ..step1x.graph_io import DOWNSCALE, check_latent, resize_images
 from ..step1x.models.attention import backend_names
 from ..step1x.sampling.denoise import LATENT_CHANNELS, TextConditioning
 from . import _comfy as bridge
 from .conditioning import InstructionEncode
 from .loaders import DIT_WEIGHT_DTYPES
-from .sockets import CATEGORY, MLLM
+from .sockets import CATEGORY, LAYOUT_V11, LAYOUT_V12, MLLM
 from .vae import check_vae
 
 CONDITIONING_KEYS = {"mask": "step1x_mask", "txt_ids": "step1x_txt_ids", "text_embeds": "step1x_text_embeds",
@@ -59,8 +59,12 @@ class ModelLoader:
         }}
 
     def load(self, unet_name, weight_dtype, attention):
-        native = _native()
         path = bridge.model_path("diffusion_models", unet_name)
+        if inspect_dit(path).version == "v1.2":
+            raise ValueError(f"{unet_name} is Step1X-Edit v1.2, which the native MODEL path does not run (it takes "
+                             "the official v1.0/v1.1 sampler apart); load it with the Step1X-Edit DiT Loader and "
+                             "use the Step1X-Edit Sampler (workflows/step1x_v12_edit.json)")
+        native = _native()
         load_device, offload_device = bridge.dit_devices()
         dtype = bridge.compute_dtype(load_device)
         dit = load_dit(path, device=offload_device, compute_dtype=dtype, weight_dtype=weight_dtype,
@@ -107,7 +111,11 @@ class Encode:
         }
 
     def encode(self, mllm, instruction, negative_prompt, size_level, image=None, vae=None):
-        embeds = InstructionEncode().encode(mllm, instruction, negative_prompt, size_level, image)[0]
+        if mllm.layout == LAYOUT_V12:
+            raise ValueError(f"'{mllm.name}' is the text encoder of a Step1X-Edit v1.2 model folder, and the native "
+                             "MODEL path runs v1.0/v1.1 only; for v1.2 use Instruction Encode, Connector and the "
+                             "Step1X-Edit Sampler (workflows/step1x_v12_edit.json)")
+        embeds = InstructionEncode().encode(mllm, instruction, negative_prompt, size_level, image, LAYOUT_V11)[0]
         reference = None
         if image is not None:
             width, height = embeds.working_size

@@ -14,6 +14,7 @@ from PIL import Image
 
 import step1x.pipeline_v12 as pipeline_v12
 from helpers import seeded_image
+from step1x import edit_command
 from step1x.cli import main
 from step1x.reasoning.scripted import EXAMPLE_SCRIPT, ScriptedGenerator
 
@@ -135,6 +136,32 @@ def test_an_index_naming_a_missing_shard_is_refused(tiny_v12_folder, photo, tmp_
     missing.unlink()
     err = refused(capsys, str(photo), "-p", "x", "-o", str(tmp_path / "out"), "--models", str(folder))
     assert missing.name in err and "incomplete" in err
+
+
+@pytest.fixture()
+def no_loading(monkeypatch):
+    monkeypatch.setattr(edit_command.Step1XPipeline, "from_files",
+                        lambda *args, **kwargs: pytest.fail("the models were loaded"))
+
+
+def test_a_quoted_placeholder_stops_a_v12_run_before_loading(tiny_v12_folder, photo, tmp_path, capsys, no_loading):
+    """v1.2 cuts special tokens out before it looks at quotes, so quoting does not make a placeholder text."""
+    err = refused(capsys, str(photo), "-p", 'write "<|image_pad|>" on it', "-o", str(tmp_path / "out"),
+                  "--models", str(tiny_v12_folder))
+    assert "contains <|image_pad|>" in err and "even in quotes" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_vae_in_the_model_folder_stops_the_run_before_loading(tiny_v12_folder, photo, tmp_path, capsys,
+                                                                         no_loading):
+    folder = copy_folder(tiny_v12_folder, tmp_path / "Step1X-Edit-v1p2", ("transformer", "text_encoder", "processor"))
+    shutil.copytree(tiny_v12_folder / "vae", folder / "vae")
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    err = refused(capsys, str(photo), "-p", "x", "-o", str(tmp_path / "out"), "--models", str(folder))
+    assert "diffusion_pytorch_model.safetensors is truncated" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_instruction_over_2048_tokens_runs_as_the_reference_and_says_what_was_cut(tiny_v12_folder, photo,

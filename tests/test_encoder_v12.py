@@ -153,6 +153,23 @@ def test_placeholder_tokens_in_the_instruction_are_refused(tiny_encoder, image, 
         tiny_encoder.encode_v12(image, prompt)
 
 
+@pytest.mark.parametrize("prompt", ["plain", 'write "<|image_pad|>" here', "don't <|image_pad|>", "“<|video_pad|>”",
+                                    "<|vision_start|>", 'say "<|im_end|>"'])
+def test_the_check_without_a_tokenizer_refuses_what_the_v12_encoder_refuses(tiny_encoder, image, prompt):
+    from step1x.pipeline import check_instruction
+
+    def refused(run) -> bool:
+        try:
+            run()
+        except ValueError as exc:
+            assert "placeholder reserved for the reference image" in str(exc)
+            return True
+        return False
+
+    assert refused(lambda: check_instruction(prompt, version="v1.2")) == refused(
+        lambda: tiny_encoder.encode_v12(image, prompt))
+
+
 @pytest.mark.parametrize(
     "prompt",
     ["", "   \n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>“x”", 'a "b', "“open", "🌈 把天空变成紫色", "!!!"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from node_support import PACK_NAME, bind, lib, run_node, sample
 from step1x.pipeline import EditOptions, Step1XPipeline
 from step1x.pipeline_v12 import ModuleStages
 from step1x.reasoning.scripted import EXAMPLE_SCRIPT, ScriptedGenerator
+from step1x.sampling.regione_rules import RegionEConfig
 
 V12 = "Step1X-Edit-v1p2"
 V11 = "Step1X-Edit-v1p1-diffusers"
@@ -168,6 +170,25 @@ def test_the_v12_sampler_is_the_library_v12_edit(pack, v12_dit, v12_vae, v12_mll
     torch.testing.assert_close(lib("graph_io").latent_to_model_space(latent), expected, rtol=0, atol=1e-5)
 
 
+def with_regione(pack, dit):
+    return run_node(pack, "Step1XEditRegionE", model=dit, threshold=0.88, cache_threshold=0.02, warmup_steps=-1,
+                    post_steps=-1, refresh_steps="auto", erosion_dilation=True, region="similarity")[0]
+
+
+def test_a_regione_dit_samples_v12_as_the_library_with_regione(pack, v12_dit, v12_vae, v12_mllm, pipe, photo,
+                                                              monkeypatch):
+    prompt, steps = 'write "HI" on the wall', 10
+    options = EditOptions(steps=steps, size_level=SIZE, seed=5)
+    expected = library_latent(pipe, monkeypatch, lambda: pipe.edit(photo, prompt, replace(
+        options, regione=RegionEConfig())))
+    conditioning = bind(pack, v12_dit, encode(pack, v12_mllm, photo, prompt))
+    fast = sample(pack, with_regione(pack, v12_dit), conditioning, seed=5, steps=steps, reference_image=comfy(photo),
+                  vae=v12_vae)["samples"]
+    torch.testing.assert_close(lib("graph_io").latent_to_model_space(fast), expected, rtol=0, atol=1e-5)
+    full = sample(pack, v12_dit, conditioning, seed=5, steps=steps, reference_image=comfy(photo), vae=v12_vae)
+    assert not torch.allclose(full["samples"], fast, atol=1e-3)
+
+
 class MeanOnlyVAE:
     """ComfyUI's VAE interface without the pack's posterior sampling (as ComfyUI's own VAE)."""
 
@@ -291,6 +312,23 @@ def test_reason_edit_runs_the_loop_as_the_library(pack, v12_dit, v12_mllm, v12_v
 def test_reason_edit_without_thinking_or_reflection_is_one_edit(pack, v12_dit, v12_mllm, v12_vae, photo):
     best, tries, reasoning = reason(pack, v12_dit, v12_mllm, v12_vae, photo, think=False, reflect=False)
     assert tries.shape[0] == 1 and "Try 1" in reasoning
+
+
+def test_reason_edit_with_a_regione_dit_edits_as_the_library_with_regione(pack, v12_dit, v12_mllm, v12_vae, pipe,
+                                                                         photo):
+    best, _, _ = reason(pack, with_regione(pack, v12_dit), v12_mllm, v12_vae, photo, think=False, reflect=False,
+                        steps=10)
+    expected = pipe.edit(photo, "make the sky purple", EditOptions(steps=10, size_level=SIZE, seed=5,
+                                                                   regione=RegionEConfig()))
+    np.testing.assert_array_equal((best[0].numpy() * 255).round().astype(np.uint8), np.asarray(expected))
+
+
+def test_the_native_path_refuses_v12_with_where_to_go(pack, folders, v12_mllm, photo):
+    with pytest.raises(ValueError, match="native MODEL path does not run"):
+        run_node(pack, "Step1XEditModelLoader", unet_name=V12, weight_dtype="default", attention="auto")
+    with pytest.raises(ValueError, match="native MODEL path runs v1.0/v1.1 only"):
+        run_node(pack, "Step1XEditEncode", mllm=v12_mllm, instruction="x", negative_prompt="", size_level=SIZE,
+                 image=comfy(photo))
 
 
 def test_reason_edit_refuses_a_v11_dit_and_zero_tries(pack, dit, v12_dit, v12_mllm, v12_vae, photo):

@@ -94,6 +94,20 @@ def test_reserved_placeholders_are_found_without_a_tokenizer(text, ok):
             check_instruction(text)
 
 
+@pytest.mark.parametrize("text, ok", [
+    ("add a hat", True),
+    ('write "<|image_pad|>" on the wall', False),  # v1.2 cuts special tokens out before it looks at quotes
+    ("don't add <|image_pad|>", False),
+    ('write "<|video_pad|>"', False),
+])
+def test_under_the_v12_rules_quotes_do_not_make_a_placeholder_text(text, ok):
+    if ok:
+        check_instruction(text, version="v1.2")
+    else:
+        with pytest.raises(ValueError, match=r"placeholder reserved for the reference image; remove it \(the v1.2"):
+            check_instruction(text, version="v1.2")
+
+
 def test_the_pipeline_refuses_a_placeholder_before_encoding(pipe, monkeypatch):
     monkeypatch.setattr(type(pipe.encoder), "encode", lambda *a, **k: pytest.fail("the MLLM ran"))
     with pytest.raises(ValueError, match=r"contains <\|image_pad\|>"):

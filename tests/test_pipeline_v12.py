@@ -6,6 +6,7 @@ the encoder apart; bad inputs are refused with what to do."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,12 +16,13 @@ from PIL import Image
 from helpers import seeded_image
 from step1x.geometry import resize_to_size_level
 from step1x.pipeline import EditOptions, Step1XPipeline
-from step1x.pipeline_v12 import ModuleStages, ReasoningOptions
+from step1x.pipeline_v12 import ModuleStages, ReasoningOptions, reference_latent
 from step1x.reasoning import CannotGenerateError
 from step1x.reasoning import messages as M
 from step1x.reasoning.prompts import FAILED_REFLECTION
 from step1x.reasoning.scripted import EXAMPLE_SCRIPT, ScriptedGenerator
 from step1x.sampling import v12
+from step1x.sampling.regione_rules import RegionEConfig
 
 FAST = EditOptions(steps=3, size_level=64, seed=7)
 PROMPT = 'make the sky purple and write "HI" on the wall'
@@ -72,6 +74,64 @@ def test_the_v12_size_level_default_is_1024():
 def test_without_restore_size_the_result_stays_at_the_working_size(pipe, image):
     out = pipe.edit(image, PROMPT, EditOptions(steps=2, size_level=64, seed=7, restore_size=False))
     assert out.size == v12.working_size(image, 64)
+
+
+def test_an_init_image_at_strength_1_changes_nothing(pipe, image):
+    with_init = pipe.edit(image, PROMPT, replace(FAST, init_image=seeded_image(50, 40, seed=11)))
+    np.testing.assert_array_equal(pixels(with_init), pixels(pipe.edit(image, PROMPT, FAST)))
+
+
+def test_below_strength_1_the_init_image_is_the_start_point(pipe, image):
+    half = replace(FAST, strength=0.5)
+    with_init = pipe.edit(image, PROMPT, replace(half, init_image=seeded_image(50, 40, seed=11)))
+    assert not np.array_equal(pixels(with_init), pixels(pipe.edit(image, PROMPT, half)))
+
+
+def decoded_init(pipe, init: Image.Image, work, original, generator) -> Image.Image:
+    """The init image's latent, sampled with the generator's next draw, decoded as a v1.2 result."""
+    latent = reference_latent(pipe.vae, v12.vae_input(init, work), generator)
+    return v12.restore_size(v12.to_uint8(v12.decode(pipe.vae, latent))[0], original)
+
+
+def test_strength_0_returns_the_init_image_sampled_after_the_reference_and_the_noise(pipe, image):
+    init = seeded_image(50, 40, seed=11)
+    out = pipe.edit(image, PROMPT, replace(FAST, strength=0.0, init_image=init))
+    work, generator = v12.working_size(image, 64), torch.Generator().manual_seed(7)
+    reference_latent(pipe.vae, v12.vae_input(image, work), generator)  # the reference's draw
+    v12.initial_noise(work, generator, torch.float32)  # the noise's
+    np.testing.assert_array_equal(pixels(out), pixels(decoded_init(pipe, init, work, image.size, generator)))
+
+
+def test_v12_text_to_image_starts_from_an_init_image_below_strength_1(pipe):
+    init = seeded_image(50, 40, seed=11)
+    out = pipe.text_to_image("a lighthouse", 64, 48, replace(FAST, strength=0.0, init_image=init))
+    generator = torch.Generator().manual_seed(7)
+    v12.initial_noise((64, 48), generator, torch.float32)  # the noise's draw
+    np.testing.assert_array_equal(pixels(out), pixels(decoded_init(pipe, init, (64, 48), (64, 48), generator)))
+    plain = pipe.text_to_image("a lighthouse", 64, 48, FAST)
+    half = pipe.text_to_image("a lighthouse", 64, 48, replace(FAST, strength=0.5))
+    np.testing.assert_array_equal(pixels(half), pixels(plain))  # nothing to start from: sampled in full
+
+
+def test_regione_reaches_the_v12_sampler(pipe, image):
+    options = EditOptions(steps=10, size_level=64, seed=7, regione=RegionEConfig())
+    cond, uncond = pipe.encoder.encode_pair_v12(resize_to_size_level(image, 64), PROMPT)
+    expected = v12.edit(pipe.dit, pipe.vae, image, cond, uncond,
+                        v12.V12Options(steps=10, size_level=64, seed=7, regione=RegionEConfig()), dtype=torch.float32)
+    result = pipe.edit(image, PROMPT, options)
+    np.testing.assert_array_equal(pixels(result), pixels(expected))
+    assert not np.array_equal(pixels(result), pixels(pipe.edit(image, PROMPT, replace(options, regione=None))))
+
+
+def test_reference_noise_belongs_to_v11_and_is_refused_for_v12(pipe, image):
+    with pytest.raises(ValueError, match="leave reference_noise out"):
+        pipe.edit(image, PROMPT, FAST, reference_noise=torch.zeros(1, 16, 6, 10))
+
+
+def test_a_quoted_placeholder_is_refused_before_the_v12_encoder_runs(pipe, image, monkeypatch):
+    monkeypatch.setattr(ModuleStages, "encode", lambda *args: pytest.fail("the encoder ran"))
+    with pytest.raises(ValueError, match="even in quotes"):
+        pipe.edit(image, 'write "<|image_pad|>" on the wall', FAST)
 
 
 def test_text_to_image_uses_the_v12_negative_prompt_and_a_black_square(pipe, monkeypatch):
