@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from ..step1x.graph_io import to_pil_list
 from ..step1x.image_io import pil_to_comfy
+from ..step1x.pipeline import check_instruction
 from ..step1x.pipeline_v12 import ReasoningOptions, V12Settings, check_generation, qwen_generate, reasoning_edit
 from ..step1x.reasoning import Thinker
+from ..step1x.sampling.denoise import check_seed
 from ..step1x.sampling.v12 import V12Options
 from . import _comfy as bridge
 from .sockets import CATEGORY, DIT, LAYOUT_V12, MLLM
@@ -29,6 +31,7 @@ LM_HEAD_FIX = " (Step1X-Edit MLLM Loader: choose the v1.2 model folder and turn 
 
 def _generate(mllm, seed: int, max_new_tokens: int, stages: ComfyStages | None = None):
     check_generation(mllm.encoder, LM_HEAD_FIX)
+    seed = check_seed(seed)
     place = stages.load_encoder if stages is not None else ComfyStages(None, None, mllm).load_encoder
     return qwen_generate(mllm.encoder, place, ReasoningOptions(max_new_tokens=max_new_tokens), seed,
                          should_stop=bridge.should_stop, on_token=bridge.Counter(max_new_tokens))
@@ -179,6 +182,8 @@ class ReasonEdit:
         from ..step1x.graph_io import check_settings
 
         check_settings(steps, cfg, renorm_threshold, 1.0)
+        check_seed(seed)
+        check_instruction(instruction, version="v1.2")
         if model.version != "v1.2":
             raise ValueError(f"Reason Edit runs Step1X-Edit v1.2, but '{model.name}' is {model.version}; load the "
                              "Step1X-Edit-v1p2 model folder in the DiT loader")

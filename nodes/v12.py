@@ -18,7 +18,7 @@ from ..step1x.graph_io import check_image, check_latent, latent_from_model_space
 from ..step1x.models.quantized import dequant_workspace_bytes
 from ..step1x.pipeline_v12 import V12Settings
 from ..step1x.sampling import v12
-from ..step1x.sampling.denoise import LATENT_CHANNELS, TextConditioning, denoise
+from ..step1x.sampling.denoise import LATENT_CHANNELS, TextConditioning, check_seed, denoise
 from . import _comfy as bridge
 from .vae import check_vae
 
@@ -93,7 +93,7 @@ def sample_v12(dit, conditioning, *, seed, steps, cfg, renorm_threshold, denoise
     from .sampler import _grid, _keep_mask, _repeat
 
     embeds, n = conditioning.embeds, batch_size
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    generator = torch.Generator(device="cpu").manual_seed(check_seed(seed))
     dtype = dit.compute_dtype
     reference, image_size = None, None
     if reference_image is not None and reference_latent is not None:

@@ -331,6 +331,18 @@ def test_the_native_path_refuses_v12_with_where_to_go(pack, folders, v12_mllm, p
                  image=comfy(photo))
 
 
+def test_reason_edit_refuses_a_bad_seed_and_a_quoted_placeholder_before_loading(pack, v12_dit, v12_mllm, v12_vae,
+                                                                                photo, monkeypatch):
+    monkeypatch.setattr(importlib.import_module(f"{PACK_NAME}.nodes.reasoning"), "reasoning_edit",
+                        lambda *args, **kwargs: pytest.fail("the edit ran"))
+    with pytest.raises(ValueError, match="the seed must be a whole number"):
+        reason(pack, v12_dit, v12_mllm, v12_vae, photo, seed=-1)
+    with pytest.raises(ValueError, match="even in quotes"):
+        run_node(pack, "Step1XEditReasonEdit", model=v12_dit, mllm=v12_mllm, vae=v12_vae, image=comfy(photo),
+                 instruction='write "<|image_pad|>"', think=True, reflect=True, max_tries=3, seed=5, steps=STEPS,
+                 cfg=6.0, size_level=SIZE)
+
+
 def test_reason_edit_refuses_a_v11_dit_and_zero_tries(pack, dit, v12_dit, v12_mllm, v12_vae, photo):
     with pytest.raises(ValueError, match="runs Step1X-Edit v1.2"):
         reason(pack, dit, v12_mllm, v12_vae, photo)
