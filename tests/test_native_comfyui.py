@@ -459,7 +459,7 @@ def official(threshold):
                 pe = dit.rope(torch.cat([txt_ids, ids], 1))
                 preds.append(dit.transformer(img, ids, txt_ids, t_vec, txt, y, pe)[:, : x.shape[1]])
             norms.append(float((preds[0] - preds[1]).norm(dim=2).max()))
-            x = x + (t_prev - t) * denoise_mod.guidance(preds[0], preds[1], 6.0, t, threshold)
+            x = x + (t_prev - t) * denoise_mod.guidance(preds[0], preds[1], 6.0, t > threshold)
     return unpack(x, h, w)  # model space, where the official loop works
 
 previews = []

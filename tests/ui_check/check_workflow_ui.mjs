@@ -353,7 +353,16 @@ try {
       await category.click({ timeout: 10000 }).catch(() => category.dispatchEvent('click'))
       const card = page.locator(`[data-testid="template-workflow-${name}"]`)
       await card.waitFor({ timeout: opts.timeout })
-      await page.waitForTimeout(800)   // thumbnails load
+      // cards below the fold load their thumbnail lazily: bring the card into view and give the image time to decode
+      await card.scrollIntoViewIfNeeded({ timeout: 10000 }).catch(() => {})
+      await card.evaluate((c) => new Promise((done) => {
+        const i = c.querySelector('img')
+        if (!i || (i.complete && i.naturalWidth > 0)) return done()
+        const stop = setTimeout(done, 5000)
+        i.addEventListener('load', () => { clearTimeout(stop); done() }, { once: true })
+        i.addEventListener('error', () => { clearTimeout(stop); done() }, { once: true })
+      })).catch(() => {})
+      await page.waitForTimeout(300)
       const image = await card.evaluate((c) => { const i = c.querySelector('img'); return i ? { src: i.src, width: i.naturalWidth } : null })
       await card.click({ timeout: 10000 }).catch(() => card.dispatchEvent('click'))
       await page.waitForTimeout(1500)
