@@ -59,12 +59,12 @@ class ModelLoader:
         }}
 
     def load(self, unet_name, weight_dtype, attention):
+        native = _native()
         path = bridge.model_path("diffusion_models", unet_name)
         if inspect_dit(path).version == "v1.2":
             raise ValueError(f"{unet_name} is Step1X-Edit v1.2, which the native MODEL path does not run (it takes "
                              "the official v1.0/v1.1 sampler apart); load it with the Step1X-Edit DiT Loader and "
                              "use the Step1X-Edit Sampler (workflows/step1x_v12_edit.json)")
-        native = _native()
         load_device, offload_device = bridge.dit_devices()
         dtype = bridge.compute_dtype(load_device)
         dit = load_dit(path, device=offload_device, compute_dtype=dtype, weight_dtype=weight_dtype,

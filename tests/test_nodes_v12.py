@@ -323,7 +323,8 @@ def test_reason_edit_with_a_regione_dit_edits_as_the_library_with_regione(pack, 
     np.testing.assert_array_equal((best[0].numpy() * 255).round().astype(np.uint8), np.asarray(expected))
 
 
-def test_the_native_path_refuses_v12_with_where_to_go(pack, folders, v12_mllm, photo):
+def test_the_native_path_refuses_v12_with_where_to_go(pack, folders, v12_mllm, photo, monkeypatch):
+    monkeypatch.setattr(importlib.import_module(f"{PACK_NAME}.nodes.native"), "_native", lambda: None)  # as in ComfyUI
     with pytest.raises(ValueError, match="native MODEL path does not run"):
         run_node(pack, "Step1XEditModelLoader", unet_name=V12, weight_dtype="default", attention="auto")
     with pytest.raises(ValueError, match="native MODEL path runs v1.0/v1.1 only"):
