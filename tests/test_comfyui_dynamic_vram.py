@@ -16,35 +16,33 @@ ComfyUI without dynamic VRAM (0.3.x).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
-from node_support import ROOT, tokenizer_for_tests, write_tiny_models
+from comfy_server import (
+    COMFYUI,
+    IMAGE_SIZE,
+    MODEL_NAMES,
+    api_prompt,
+    prepare_base,
+    require_comfyui,
+    run_script,
+    saved_image,
+    saved_tensors,
+    serve,
+    with_lora,
+)
+from node_support import tokenizer_for_tests, write_tiny_models
 
-COMFYUI = os.environ.get("COMFYUI_PATH")
-if not COMFYUI:
-    pytest.skip("COMFYUI_PATH is not set; point it at a ComfyUI checkout (and COMFYUI_PYTHON at its interpreter) "
-                "to test the pack under ComfyUI's dynamic VRAM", allow_module_level=True)
+require_comfyui("to test the pack under ComfyUI's dynamic VRAM")
 if not (Path(COMFYUI) / "comfy" / "memory_management.py").is_file():
     pytest.skip(f"the ComfyUI at {COMFYUI} predates dynamic VRAM (comfy/memory_management.py)",
                 allow_module_level=True)
-PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 
 SCRIPT = r"""
-import json, sys
-config = json.loads(sys.argv[1])
-sys.argv = ["main.py", "--cpu"]
-sys.path[:0] = [config["comfyui"], config["tests"]]
-import importlib
-import comfy.options
-comfy.options.enable_args_parsing()
 import comfy.memory_management
 import comfy.model_patcher
 import folder_paths
@@ -127,16 +125,12 @@ def files(tmp_path_factory):
 
 def run_in_comfyui(root: Path, names: dict, weight_dtype: str) -> tuple[dict, dict]:
     models = root / "models"
-    config = {"comfyui": COMFYUI, "tests": str(ROOT / "tests"),
-              "folders": {kind: str(models / kind) for kind in ("diffusion_models", "vae", "text_encoders", "loras")},
+    config = {"folders": {kind: str(models / kind) for kind in ("diffusion_models", "vae", "text_encoders", "loras")},
               "dit": names["dit"], "vae": names["vae"], "mllm": names["mllm"], "lora": "tiny_lora.safetensors",
               "weight_dtype": weight_dtype, "out": str(root / f"dynamic_{weight_dtype}.safetensors")}
-    result = subprocess.run([PYTHON, "-c", SCRIPT, json.dumps(config)], cwd=COMFYUI, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    with safe_open(config["out"], framework="pt") as f:
-        facts = json.loads(f.metadata()["facts"])
-    return load_file(config["out"]), facts
+    run_script(SCRIPT, config, timeout=600)
+    tensors, metadata = saved_tensors(config["out"])
+    return tensors, json.loads(metadata["facts"])
 
 
 @pytest.fixture(scope="module", params=["default", "fp8_e4m3fn"])
@@ -195,46 +189,26 @@ NODE_CLASS_MAPPINGS = {}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import test_comfyui_server as real
-
     base = tmp_path_factory.mktemp("comfyui_dynamic_vram_base")
-    real._prepare_base(base)
+    prepare_base(base)
     (base / "custom_nodes" / "force_dynamic_vram").mkdir()
     (base / "custom_nodes" / "force_dynamic_vram" / "__init__.py").write_text(FORCE_DYNAMIC_VRAM, encoding="utf-8")
     (base / "models" / "loras").mkdir()
     write_lora(base / "models" / "loras" / "tiny_lora.safetensors", base / "models" / "diffusion_models",
-               real.MODEL_NAMES["dit"])
-    with real.serve(base) as srv:
+               MODEL_NAMES["dit"])
+    with serve(base) as srv:
         yield srv
 
 
-def _image(server, entry):
-    import numpy as np
-    from PIL import Image
-
-    assert entry["status"]["status_str"] == "success", entry["status"]
-    image = entry["outputs"]["10"]["images"][0]
-    with Image.open(server.base / "output" / image["subfolder"] / image["filename"]) as saved:
-        return np.asarray(saved.convert("RGB"))
-
-
 def test_the_api_workflow_runs_with_dynamic_vram_forced_on(server):
-    import test_comfyui_server as real
-
     assert "dynamic VRAM forced on; ComfyUI's Linear is built lazily: True" in server.log.read_text(errors="replace")
-    plain = _image(server, server.run(real._api_prompt(**{"7__seed": 3})))
-    assert plain.shape[1::-1] == real.IMAGE_SIZE
+    plain = saved_image(server, server.run(api_prompt(**{"7__seed": 3})))
+    assert plain.shape[1::-1] == IMAGE_SIZE
     log = server.log.read_text(errors="replace")
     assert "Requested to load Step1XEdit" in log and "does not match the model" not in log
 
 
 def test_a_lora_in_the_api_workflow_applies_under_dynamic_vram(server):
-    import test_comfyui_server as real
-
-    prompt = real._api_prompt(**{"7__seed": 3})
-    prompt["20"] = {"class_type": "Step1XEditLoraLoader",
-                    "inputs": {"model": ["1", 0], "lora_name": "tiny_lora.safetensors", "strength": 1.0}}
-    prompt["7"]["inputs"]["model"] = ["20", 0]
-    with_lora = _image(server, server.run(prompt))
-    plain = _image(server, server.run(real._api_prompt(**{"7__seed": 3})))
-    assert (with_lora != plain).any()
+    lora = saved_image(server, server.run(with_lora(api_prompt(**{"7__seed": 3}), "tiny_lora.safetensors", 1.0)))
+    plain = saved_image(server, server.run(api_prompt(**{"7__seed": 3})))
+    assert (lora != plain).any()

@@ -10,57 +10,25 @@ package installed), as ``test_comfyui_server.py`` does. The API workflow on a GG
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from node_support import ROOT, lib
+from comfy_server import DIT_WITH_A_LORA, require_comfyui, run_script, saved_tensors
+from node_support import lib
 
-COMFYUI = os.environ.get("COMFYUI_PATH")
-if not COMFYUI:
-    pytest.skip("COMFYUI_PATH is not set; point it at a ComfyUI checkout (and COMFYUI_PYTHON at its interpreter) "
-                "to test GGUF models inside the real ComfyUI", allow_module_level=True)
-PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+require_comfyui("to test GGUF models inside the real ComfyUI")
 
 DIT = "step1x_tiny-Q8_0.gguf"
 LORA_LAYERS = {"double_blocks.0.img_attn.qkv": (192, 64), "connector.S.input_embedder": (32, 48)}
 """A quantised block layer and a dense connector layer of the tiny DiT, (out, in)."""
 STRENGTH = 0.7
 
-SCRIPT = r"""
-import json, sys
-config = json.loads(sys.argv[1])
-sys.argv = ["main.py", "--cpu"]
-sys.path[:0] = [config["comfyui"], config["tests"]]
-import importlib
-import comfy.options
-comfy.options.enable_args_parsing()
-import comfy.model_management as mm
-import folder_paths
-import torch
-from safetensors.torch import save_file
-from node_support import load_pack, run_node
-
-pack = load_pack()
-assert sys.modules["step1x_edit_pack.nodes._comfy"].IN_COMFYUI
-for kind in ("diffusion_models", "loras"):
-    folder_paths.add_model_folder_path(kind, config[kind])
+SCRIPT = DIT_WITH_A_LORA + r"""
 listed = pack.NODE_CLASS_MAPPINGS["Step1XEditDiTLoader"].INPUT_TYPES()["required"]["unet_name"][0]
-base = run_node(pack, "Step1XEditDiTLoader", unet_name=config["dit"], weight_dtype="default", attention="sdpa")[0]
-lora = run_node(pack, "Step1XEditLoraLoader", model=base, lora_name="lora.safetensors", strength=config["strength"])[0]
 layer = base.model.double_blocks[0].img_attn.qkv
 stored = layer.weight.detach().clone()
-sampling = importlib.import_module("step1x_edit_pack.step1x.sampling.denoise")
-g = torch.Generator().manual_seed(0)
-text = sampling.TextConditioning(torch.randn(1, 8, base.model.params.connector.in_channels, generator=g),
-                                 torch.ones(1, 8, dtype=torch.long))
-noise, reference = torch.randn(1, 16, 4, 4, generator=g), torch.randn(1, 16, 4, 4, generator=g)
-edit = lambda model: sampling.denoise(model.model, noise, text, None, reference=reference, steps=2,
-                                      compute_dtype=model.compute_dtype, device=torch.device("cpu"))
 out = {}
 mm.load_models_gpu([base.patcher])
 out["base_edit"] = edit(base)
@@ -106,16 +74,12 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def in_comfyui(files):
-    config = {"comfyui": COMFYUI, "tests": str(ROOT / "tests"), "diffusion_models": str(files / "diffusion_models"),
-              "loras": str(files / "loras"), "dit": DIT, "strength": STRENGTH, "out": str(files / "out.safetensors")}
-    result = subprocess.run([PYTHON, "-c", SCRIPT, json.dumps(config)], cwd=COMFYUI, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    from safetensors import safe_open
-
-    with safe_open(config["out"], framework="pt") as f:
-        report = json.loads(f.metadata()["report"])
-    return load_file(config["out"]), report
+    config = {"diffusion_models": str(files / "diffusion_models"), "loras": str(files / "loras"), "dit": DIT,
+              "weight_dtype": "default", "lora": "lora.safetensors", "strength": STRENGTH,
+              "out": str(files / "out.safetensors")}
+    run_script(SCRIPT, config)
+    out, metadata = saved_tensors(config["out"])
+    return out, json.loads(metadata["report"])
 
 
 @pytest.fixture(scope="module")

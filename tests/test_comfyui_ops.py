@@ -11,27 +11,14 @@ Needs ``COMFYUI_PATH`` (a ComfyUI checkout) and optionally ``COMFYUI_PYTHON`` (i
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from node_support import ROOT
+from comfy_server import require_comfyui, run_script
 
-COMFYUI = os.environ.get("COMFYUI_PATH")
-if not COMFYUI:
-    pytest.skip("COMFYUI_PATH is not set; point it at a ComfyUI checkout (and COMFYUI_PYTHON at its interpreter) "
-                "to test the casting layers inside the real ComfyUI", allow_module_level=True)
-PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+require_comfyui("to test the casting layers inside the real ComfyUI")
 
 SCRIPT = r"""
-import json, sys
-config = json.loads(sys.argv[1])
-sys.argv = ["main.py", "--cpu"]
-sys.path[:0] = [config["comfyui"], config["tests"]]
-import comfy.options
-comfy.options.enable_args_parsing()
 import comfy.model_management as mm
 import torch
 import torch.nn.functional as F
@@ -89,11 +76,7 @@ print(json.dumps(result))
 
 @pytest.fixture(scope="module")
 def result():
-    config = {"comfyui": COMFYUI, "tests": str(ROOT / "tests")}
-    proc = subprocess.run([PYTHON, "-c", SCRIPT, json.dumps(config)], capture_output=True, text=True, cwd=COMFYUI,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(run_script(SCRIPT, {}).strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("weights", ["bf16", "fp8"])

@@ -3,7 +3,7 @@ on tiny model files through POST /prompt and writes an image, caching spares the
 changes, and bad input comes back as a node error while the server keeps running.
 
 Needs ``COMFYUI_PATH`` (a ComfyUI checkout) and optionally ``COMFYUI_PYTHON`` (its interpreter; default:
-this one). The server runs with --cpu on 127.0.0.1 on a free port (the first free one of
+this one). The server (``comfy_server.py``) runs with --cpu on 127.0.0.1 on a free port (the first free one of
 ``STEP1X_COMFYUI_PORTS``, e.g. ``8190-8194``, when set), in a temporary base directory that holds the pack
 (linked), tiny models under the real file names and an input image. With ``STEP1X_UI_CHECK`` (the path of
 ``tests/ui_check/check_workflow_ui.mjs``, run with ``node``) the UI workflows and the pack's templates are
@@ -16,179 +16,39 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from node_support import API_WORKFLOWS, BUILTINS, ROOT, lib, load_pack, template_files, write_tiny_models
+from comfy_server import (
+    COMFYUI,
+    IMAGE_SIZE,
+    MODEL_NAMES,
+    PACK_FOLDER,
+    Server,  # noqa: F401 (test_native_comfyui.py takes it from here)
+    api_prompt,
+    free_port,
+    messages,
+    prepare_base,
+    require_comfyui,
+    serve,
+)
+from node_support import API_WORKFLOWS, BUILTINS, load_pack, template_files
 
-COMFYUI = os.environ.get("COMFYUI_PATH")
-if not COMFYUI:
-    pytest.skip("COMFYUI_PATH is not set; point it at a ComfyUI checkout (and COMFYUI_PYTHON at its interpreter) "
-                "to test the pack inside the real ComfyUI", allow_module_level=True)
+require_comfyui("to test the pack inside the real ComfyUI")
 
-PACK_FOLDER = "ComfyUI-Step1X-Edit"
-MODEL_NAMES = {"dit": "step1x-edit-v1p1-official.safetensors", "vae": "step1x-edit-vae.safetensors",
-               "mllm": "Qwen2.5-VL-7B-Instruct", "gguf": "step1x-edit-v1p1-official-Q4_1.gguf"}
-IMAGE_SIZE = (96, 72)
-FAST = {"steps": 2, "size_level": 64}
-
-
-class Server:
-    def __init__(self, url: str, base: Path, log: Path):
-        self.url, self.base, self.log = url, base, log
-
-    def get(self, route: str):
-        with urllib.request.urlopen(self.url + route, timeout=30) as response:
-            return json.loads(response.read())
-
-    def post_prompt(self, prompt: dict) -> tuple[int, dict]:
-        body = json.dumps({"prompt": prompt, "client_id": str(uuid.uuid4())}).encode()
-        request = urllib.request.Request(self.url + "/prompt", data=body, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
-
-    def post(self, route: str, data: dict) -> None:
-        request = urllib.request.Request(self.url + route, data=json.dumps(data).encode(),
-                                         headers={"Content-Type": "application/json"})
-        urllib.request.urlopen(request, timeout=30).close()
-
-    def run(self, prompt: dict, timeout: float = 180) -> dict:
-        status, answer = self.post_prompt(prompt)
-        assert status == 200, answer
-        return self.wait(answer["prompt_id"], timeout)
-
-    def wait(self, prompt_id: str, timeout: float = 180) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            history = self.get(f"/history/{prompt_id}")
-            if prompt_id in history:
-                return history[prompt_id]
-            time.sleep(0.2)
-        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s; see {self.log}")
-
-    def running(self) -> list[str]:
-        return [item[1] for item in self.get("/queue")["queue_running"]]
-
-
-def _free_port() -> int:
-    """A free local port: the first free one of ``STEP1X_COMFYUI_PORTS`` ("8190-8194") when set, else any."""
-    wanted = os.environ.get("STEP1X_COMFYUI_PORTS")
-    if wanted:
-        first, _, last = wanted.partition("-")
-        candidates = range(int(first), int(last or first) + 1)
-    else:
-        candidates = [0]
-    for port in candidates:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise RuntimeError(f"no free port in STEP1X_COMFYUI_PORTS={wanted}")
-
-
-def _prepare_base(base: Path) -> None:
-    (base / "custom_nodes").mkdir(parents=True)
-    (base / "custom_nodes" / PACK_FOLDER).symlink_to(ROOT, target_is_directory=True)
-    models = base / "models"
-    tokenizer = Path(COMFYUI) / "comfy" / "text_encoders" / "qwen25_tokenizer"
-    names = write_tiny_models(models, tokenizer)
-    (models / "diffusion_models" / names["dit"]).rename(models / "diffusion_models" / MODEL_NAMES["dit"])
-    (models / "unet").mkdir()  # ComfyUI's legacy folder for DiTs, where GGUF files often live
-    lib("checkpoints.gguf_convert").convert(models / "diffusion_models" / MODEL_NAMES["dit"],
-                                            models / "unet" / MODEL_NAMES["gguf"], "Q4_1")
-    (models / "vae" / names["vae"]).rename(models / "vae" / MODEL_NAMES["vae"])
-    shutil.copyfile(models / "vae" / MODEL_NAMES["vae"], models / "vae" / "ae.safetensors")
-    # the MLLM folder is a link, as large model folders often are: it must be listed as one model
-    (models / "text_encoders" / names["mllm"]).rename(base / MODEL_NAMES["mllm"])
-    (models / "text_encoders" / MODEL_NAMES["mllm"]).symlink_to(base / MODEL_NAMES["mllm"], target_is_directory=True)
-    (base / "input").mkdir()
-    _write_input_image(base / "input" / "example.png")
-
-
-def _write_input_image(path: Path) -> None:
-    """An RGBA image whose left half is transparent: Load Image turns that into a mask of 1s."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, size=(IMAGE_SIZE[1], IMAGE_SIZE[0], 4), dtype=np.uint8)
-    pixels[..., 3] = 255
-    pixels[:, : IMAGE_SIZE[0] // 2, 3] = 0
-    Image.fromarray(pixels, mode="RGBA").save(path)
-
-
-@contextmanager
-def serve(base: Path, *extra_args: str):
-    """A ComfyUI server on ``base`` (prepared by :func:`_prepare_base`), answering until the block ends."""
-    port = _free_port()
-    log = base / "comfyui.log"
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    args = ["--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
-            "--disable-auto-launch", "--preview-method", "latent2rgb", *extra_args]
-    if os.environ.get("STEP1X_FRONTEND_ROOT"):
-        args += ["--front-end-root", os.environ["STEP1X_FRONTEND_ROOT"]]
-    with open(log, "wb") as out:
-        process = subprocess.Popen([python, "main.py", *args], cwd=COMFYUI, stdout=out, stderr=subprocess.STDOUT,
-                                   env=env)
-    try:
-        srv = Server(f"http://127.0.0.1:{port}", base, log)
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {process.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
-            try:
-                srv.get("/object_info/SaveImage")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"ComfyUI did not answer within 180 s; see {log}")
-                time.sleep(0.5)
-        yield srv
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+# test_native_comfyui.py takes these from this module under their former names
+_prepare_base, _free_port, _api_prompt, _messages = prepare_base, free_port, api_prompt, messages
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui_base")
-    _prepare_base(base)
+    prepare_base(base)
     with serve(base) as srv:
         yield srv
-
-
-def _api_prompt(**changes) -> dict:
-    prompt = json.loads((API_WORKFLOWS / "step1x_edit_api.json").read_text(encoding="utf-8"))
-    prompt["5"]["inputs"]["size_level"] = FAST["size_level"]
-    prompt["7"]["inputs"]["steps"] = FAST["steps"]
-    for key, value in changes.items():
-        node, name = key.split("__")
-        prompt[node]["inputs"][name] = value
-    return prompt
-
-
-def _messages(entry: dict, event: str) -> list[dict]:
-    return [data for name, data in entry["status"]["messages"] if name == event]
 
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -234,10 +94,10 @@ def test_the_builtins_the_workflows_use_are_as_listed(server):
 def test_the_api_workflow_runs_and_writes_an_image_at_the_original_size(server):
     from PIL import Image
 
-    entry = server.run(_api_prompt())
+    entry = server.run(api_prompt())
     assert entry["status"]["status_str"] == "success", entry["status"]
     image = entry["outputs"]["10"]["images"][0]
-    path = server.base / "output" / image["subfolder"] / image["filename"]
+    path = server.output_file(image)
     with Image.open(path) as saved:
         assert saved.size == IMAGE_SIZE
     log = server.log.read_text(errors="replace")
@@ -248,29 +108,29 @@ def test_the_api_workflow_runs_and_writes_an_image_at_the_original_size(server):
 def test_the_api_workflow_runs_on_a_gguf_dit_from_the_unet_folder(server):
     choices = server.get("/object_info/Step1XEditDiTLoader")["Step1XEditDiTLoader"]["input"]["required"]
     assert MODEL_NAMES["gguf"] in choices["unet_name"][0]
-    entry = server.run(_api_prompt(**{"1__unet_name": MODEL_NAMES["gguf"], "7__seed": 7}))
+    entry = server.run(api_prompt(**{"1__unet_name": MODEL_NAMES["gguf"], "7__seed": 7}))
     assert entry["status"]["status_str"] == "success", entry["status"]
     image = entry["outputs"]["10"]["images"][0]
-    assert (server.base / "output" / image["subfolder"] / image["filename"]).is_file()
+    assert server.output_file(image).is_file()
     assert "GGUF tensors" in server.log.read_text(errors="replace")
 
 
 def test_changing_only_the_seed_does_not_re_encode_the_instruction(server):
-    server.run(_api_prompt(**{"7__seed": 1}))
-    entry = server.run(_api_prompt(**{"7__seed": 2}))
+    server.run(api_prompt(**{"7__seed": 1}))
+    entry = server.run(api_prompt(**{"7__seed": 2}))
     assert entry["status"]["status_str"] == "success"
-    cached = set(_messages(entry, "execution_cached")[0]["nodes"])
+    cached = set(messages(entry, "execution_cached")[0]["nodes"])
     assert {"1", "2", "3", "4", "5", "6"} <= cached, cached
     assert "7" not in cached
 
 
 def test_the_mask_from_load_image_guides_the_edit(server):
-    entry = server.run(_api_prompt(**{"7__mask": ["4", 1]}))
+    entry = server.run(api_prompt(**{"7__mask": ["4", 1]}))
     assert entry["status"]["status_str"] == "success", entry["status"]
 
 
 def test_comfyuis_own_vae_decode_decodes_the_sampler_latent(server):
-    prompt = _api_prompt()
+    prompt = api_prompt()
     prompt["8"] = {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["3", 0]}}
     entry = server.run(prompt)
     assert entry["status"]["status_str"] == "success", entry["status"]
@@ -279,7 +139,7 @@ def test_comfyuis_own_vae_decode_decodes_the_sampler_latent(server):
 def test_text_to_image_runs_from_the_same_nodes(server):
     from PIL import Image
 
-    prompt = _api_prompt()
+    prompt = api_prompt()
     for node in ("4", "9"):
         del prompt[node]
     prompt["4"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 48, "batch_size": 1}}
@@ -290,52 +150,45 @@ def test_text_to_image_runs_from_the_same_nodes(server):
     entry = server.run(prompt)
     assert entry["status"]["status_str"] == "success", entry["status"]
     image = entry["outputs"]["10"]["images"][0]
-    with Image.open(server.base / "output" / image["subfolder"] / image["filename"]) as saved:
+    with Image.open(server.output_file(image)) as saved:
         assert saved.size == (64, 48)
 
 
 def test_cancel_stops_the_sampler_between_steps(server):
-    server.run(_api_prompt(**{"7__seed": 9}))
-    status, answer = server.post_prompt(_api_prompt(**{"7__seed": 9, "7__steps": 200}))
-    assert status == 200
-    deadline = time.monotonic() + 60
-    while answer["prompt_id"] not in server.running() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(1.0)
-    server.post("/interrupt", {"prompt_id": answer["prompt_id"]})
-    entry = server.wait(answer["prompt_id"], timeout=60)
-    interrupted = _messages(entry, "execution_interrupted")
+    server.run(api_prompt(**{"7__seed": 9}))
+    entry = server.cancel(api_prompt(**{"7__seed": 9, "7__steps": 200}), after_s=1.0)
+    interrupted = messages(entry, "execution_interrupted")
     assert interrupted and interrupted[0]["node_type"] == "Step1XEditSampler", entry["status"]
-    assert server.run(_api_prompt(**{"7__seed": 10}))["status"]["status_str"] == "success"
+    assert server.run(api_prompt(**{"7__seed": 10}))["status"]["status_str"] == "success"
 
 
 def test_a_missing_model_file_is_a_node_error_and_the_server_keeps_running(server):
-    status, answer = server.post_prompt(_api_prompt(**{"1__unet_name": "missing.safetensors"}))
+    status, answer = server.post_prompt(api_prompt(**{"1__unet_name": "missing.safetensors"}))
     assert status == 400
     errors = answer["node_errors"]["1"]["errors"]
     assert errors[0]["type"] == "value_not_in_list" and "missing.safetensors" in errors[0]["details"]
-    assert server.run(_api_prompt())["status"]["status_str"] == "success"
+    assert server.run(api_prompt())["status"]["status_str"] == "success"
 
 
 def test_bad_input_at_run_time_is_a_node_error_and_the_server_keeps_running(server):
-    entry = server.run(_api_prompt(**{"7__cfg": math.nan}))
+    entry = server.run(api_prompt(**{"7__cfg": math.nan}))
     assert entry["status"]["status_str"] == "error"
-    error = _messages(entry, "execution_error")[0]
+    error = messages(entry, "execution_error")[0]
     assert error["node_id"] == "7" and error["node_type"] == "Step1XEditSampler"
     assert "cfg is nan; set a finite number" in error["exception_message"]
-    assert server.run(_api_prompt(**{"7__seed": 5}))["status"]["status_str"] == "success"
+    assert server.run(api_prompt(**{"7__seed": 5}))["status"]["status_str"] == "success"
 
 
 def test_a_wrong_model_file_is_reported_under_the_packs_own_error_name(server):
-    entry = server.run(_api_prompt(**{"1__unet_name": "flux1-dev-tiny.safetensors"}))
-    error = _messages(entry, "execution_error")[0]
+    entry = server.run(api_prompt(**{"1__unet_name": "flux1-dev-tiny.safetensors"}))
+    error = messages(entry, "execution_error")[0]
     assert error["node_id"] == "1" and "not a Step1X-Edit DiT" in error["exception_message"]
     assert error["exception_type"] == "step1x.checkpoints.safetensors_file.CheckpointError"
-    assert server.run(_api_prompt(**{"7__seed": 6}))["status"]["status_str"] == "success"
+    assert server.run(api_prompt(**{"7__seed": 6}))["status"]["status_str"] == "success"
 
 
 def test_zero_steps_are_refused_before_running(server):
-    status, answer = server.post_prompt(_api_prompt(**{"7__steps": 0}))
+    status, answer = server.post_prompt(api_prompt(**{"7__steps": 0}))
     assert status == 400
     assert answer["node_errors"]["7"]["errors"][0]["type"] == "value_smaller_than_min"
 

@@ -4,96 +4,27 @@ Cancel stops a reasoning edit, and the bad inputs (a v1.2 folder without text_en
 index naming a missing shard, reflection with max tries 0, an instruction over 2048 tokens, model replies that
 never close their tags) give clear errors or the documented behaviour while the server keeps running.
 
-Needs ``COMFYUI_PATH`` (and ``COMFYUI_PYTHON``), as ``test_comfyui_server.py``. The server listens on the first
-free port of 8180-8184 (``STEP1X_COMFYUI_PORTS`` overrides, e.g. "8185-8189").
+Needs ``COMFYUI_PATH`` (and ``COMFYUI_PYTHON``), as ``test_comfyui_server.py``; the server (``comfy_server.py``)
+listens on the first free port of ``STEP1X_COMFYUI_PORTS`` (e.g. "8185-8189") when set, else on any free port.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
 
-from node_support import API_WORKFLOWS, ROOT, WORKFLOWS
+from comfy_server import COMFYUI, FAST, IMAGE_SIZE, link_pack, messages, require_comfyui, serve
+from node_support import API_WORKFLOWS, WORKFLOWS
 
-COMFYUI = os.environ.get("COMFYUI_PATH")
-if not COMFYUI:
-    pytest.skip("COMFYUI_PATH is not set; point it at a ComfyUI checkout (and COMFYUI_PYTHON at its interpreter) "
-                "to test the v1.2 nodes inside the real ComfyUI", allow_module_level=True)
+require_comfyui("to test the v1.2 nodes inside the real ComfyUI")
 
-PACK_FOLDER = "ComfyUI-Step1X-Edit"
 V12 = "Step1X-Edit-v1p2"
 BROKEN = {"no_text_encoder": f"{V12}-no-text-encoder", "truncated": f"{V12}-truncated",
           "missing_shard": f"{V12}-missing-shard"}
-IMAGE_SIZE = (96, 72)
-FAST = {"steps": 2, "size_level": 64}
 WIDGETS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
-
-
-class Server:
-    def __init__(self, url: str, base: Path, log: Path):
-        self.url, self.base, self.log = url, base, log
-
-    def get(self, route: str):
-        with urllib.request.urlopen(self.url + route, timeout=30) as response:
-            return json.loads(response.read())
-
-    def post_prompt(self, prompt: dict) -> tuple[int, dict]:
-        body = json.dumps({"prompt": prompt, "client_id": str(uuid.uuid4())}).encode()
-        request = urllib.request.Request(self.url + "/prompt", data=body, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
-
-    def interrupt(self, prompt_id: str) -> None:
-        request = urllib.request.Request(self.url + "/interrupt", data=json.dumps({"prompt_id": prompt_id}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        urllib.request.urlopen(request, timeout=30).close()
-
-    def run(self, prompt: dict, timeout: float = 300) -> dict:
-        status, answer = self.post_prompt(prompt)
-        assert status == 200, answer
-        return self.wait(answer["prompt_id"], timeout)
-
-    def wait(self, prompt_id: str, timeout: float = 300) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            history = self.get(f"/history/{prompt_id}")
-            if prompt_id in history:
-                return history[prompt_id]
-            time.sleep(0.2)
-        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s; see {self.log}")
-
-    def running(self) -> list[str]:
-        return [item[1] for item in self.get("/queue")["queue_running"]]
-
-
-def _ports() -> list[int]:
-    first, _, last = os.environ.get("STEP1X_COMFYUI_PORTS", "8180-8184").partition("-")
-    return list(range(int(first), int(last or first) + 1))
-
-
-def _free_port() -> int:
-    for port in _ports():
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    pytest.skip(f"no free port among {_ports()} for the ComfyUI server")
 
 
 def _prepare_base(base: Path) -> None:
@@ -102,8 +33,7 @@ def _prepare_base(base: Path) -> None:
     from helpers import seeded_image
     from step1x.tiny import build_tiny_model_folder
 
-    (base / "custom_nodes").mkdir(parents=True)
-    (base / "custom_nodes" / PACK_FOLDER).symlink_to(ROOT, target_is_directory=True)
+    link_pack(base)
     dits = base / "models" / "diffusion_models"
     tokenizer = Path(COMFYUI) / "comfy" / "text_encoders" / "qwen25_tokenizer"
     folder = build_tiny_model_folder(dits / V12, tokenizer, version="v1.2")
@@ -126,36 +56,8 @@ def _prepare_base(base: Path) -> None:
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui_v12")
     _prepare_base(base)
-    port = _free_port()
-    log = base / "comfyui.log"
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
-             "--disable-auto-launch", "--preview-method", "latent2rgb"],
-            cwd=COMFYUI, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        srv = Server(f"http://127.0.0.1:{port}", base, log)
-        deadline = time.monotonic() + 240
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {process.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
-            try:
-                srv.get("/object_info/SaveImage")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"ComfyUI did not answer within 240 s; see {log}")
-                time.sleep(0.5)
+    with serve(base) as srv:
         yield srv
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -223,13 +125,8 @@ def reasoning(info, **changes) -> dict:
     return prompt
 
 
-def messages(entry: dict, event: str) -> list[dict]:
-    return [data for name, data in entry["status"]["messages"] if name == event]
-
-
 def saved(server, entry: dict, node: str) -> list[Path]:
-    images = entry["outputs"][node]["images"]
-    return [server.base / "output" / image["subfolder"] / image["filename"] for image in images]
+    return [server.output_file(image) for image in entry["outputs"][node]["images"]]
 
 
 def error_of(entry: dict) -> dict:
@@ -302,15 +199,8 @@ def test_reflect_on_its_own_falls_back_when_replies_never_close_their_tags(serve
 
 
 def test_cancel_stops_a_reasoning_edit_between_tokens(server, info):
-    status, answer = server.post_prompt(reasoning(info, **{"5__max_new_tokens": 4096, "5__retries": 20,
-                                                          "5__max_tries": 3, "5__seed": 77}))
-    assert status == 200
-    deadline = time.monotonic() + 60
-    while answer["prompt_id"] not in server.running() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(3.0)
-    server.interrupt(answer["prompt_id"])
-    entry = server.wait(answer["prompt_id"], timeout=120)
+    prompt = reasoning(info, **{"5__max_new_tokens": 4096, "5__retries": 20, "5__max_tries": 3, "5__seed": 77})
+    entry = server.cancel(prompt, after_s=3.0)
     interrupted = messages(entry, "execution_interrupted")
     assert interrupted and interrupted[0]["node_type"] == "Step1XEditReasonEdit", entry["status"]
     assert server.run(plain(info, **{"7__seed": 3}))["status"]["status_str"] == "success"

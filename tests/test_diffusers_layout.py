@@ -246,6 +246,17 @@ def test_an_index_that_lacks_tensors_is_refused_with_their_names(v11_folder, tmp
         load_dit(tmp_path)
 
 
+def test_a_tensor_of_the_wrong_shape_is_refused_with_the_folder_name(v11_folder, tmp_path):
+    state = load_file(merge_shards(v11_folder / "transformer", tmp_path / "merged.safetensors"))
+    key = "transformer_blocks.0.attn.to_out.0.weight"
+    state[key] = state[key][:-1]
+    config = json.loads((v11_folder / "transformer" / "config.json").read_text())
+    folder = write_sharded(tmp_path / "model" / "transformer", state, shards=2, config=config)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(folder))}: 1 tensors do not have the shape .* "
+                                              r"double_blocks\.0\.img_attn\.proj\.weight is \[\d+, \d+\]"):
+        load_dit(tmp_path / "model")
+
+
 def test_the_flux_diffusers_transformer_is_refused_by_name(tmp_path):
     shapes = {"x_embedder.weight": (3072, 64), "context_embedder.weight": (3072, 4096),
               "time_text_embed.timestep_embedder.linear_1.weight": (3072, 256),

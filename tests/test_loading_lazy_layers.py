@@ -1,6 +1,7 @@
 """Loading into layers built lazily, as ComfyUI builds its Linear under dynamic VRAM (``weight = None`` until a
-state dict is loaded, so the layer is absent from ``state_dict()``): the DiT, the VAE and the MLLM load the same
-numbers as with ordinary layers, and a file is blamed only when the file is wrong.
+state dict is loaded, so the layer is absent from ``state_dict()``): the DiT (from a .safetensors file, a diffusers
+folder or a float GGUF), the VAE and the MLLM load the same numbers as with ordinary layers, and a file is blamed
+only when the file is wrong.
 
 ``LazyOps`` reproduces the behaviour of ComfyUI's ``comfy.ops`` Linear with ``aimdo_enabled``; the real one is
 exercised by ``test_comfyui_dynamic_vram.py`` inside a real ComfyUI."""
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from step1x.checkpoints.gguf_convert import save_gguf
 from step1x.checkpoints.loading import declared_tensors, load_dit, load_vae, unloaded_tensors
 from step1x.checkpoints.safetensors_file import CheckpointError
 from step1x.models.model import Step1XEdit
@@ -96,6 +98,23 @@ def test_the_vae_loads_into_lazy_layers_with_the_same_numbers(tiny_models):
     assert not unloaded_tensors(lazy)
     for key, value in eager.state_dict().items():
         assert torch.equal(lazy.state_dict()[key], value), key
+
+
+def test_a_diffusers_folder_loads_into_lazy_layers_with_the_same_numbers(v12_dir):
+    folder = v12_dir / "dit_v11_diffusers"
+    eager = load_dit(folder, compute_dtype=torch.float32)
+    lazy = load_dit(folder, compute_dtype=torch.float32, operations=LazyOps)
+    assert isinstance(lazy.img_in, LazyLinear) and not unloaded_tensors(lazy)
+    assert lazy.state_dict().keys() == eager.state_dict().keys()
+    assert all(torch.equal(lazy.state_dict()[k], v) for k, v in eager.state_dict().items())
+
+
+def test_a_float_gguf_loads_into_lazy_layers_with_the_same_numbers(tmp_path, tiny_models):
+    eager = load_dit(tiny_models / DIT, compute_dtype=torch.float32)
+    path = save_gguf(eager.state_dict(), tmp_path / "tiny-F32.gguf", "F32", params=eager.params).path
+    lazy = load_dit(path, compute_dtype=torch.float32, operations=LazyOps)
+    assert isinstance(lazy.img_in, LazyLinear) and not unloaded_tensors(lazy)
+    assert torch.equal(_edit(lazy), _edit(eager))
 
 
 def test_a_file_lacking_a_tensor_is_blamed_under_lazy_layers(tmp_path, tiny_models):

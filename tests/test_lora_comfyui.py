@@ -8,56 +8,32 @@ Needs ``COMFYUI_PATH`` (a ComfyUI checkout) and optionally ``COMFYUI_PYTHON`` (i
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from node_support import ROOT, lib, tokenizer_for_tests, write_tiny_models
+from comfy_server import (
+    DIT_WITH_A_LORA,
+    api_prompt,
+    prepare_base,
+    require_comfyui,
+    run_script,
+    saved_image,
+    saved_tensors,
+    serve,
+    with_lora,
+)
+from node_support import lib, tokenizer_for_tests, write_tiny_models
 
-COMFYUI = os.environ.get("COMFYUI_PATH")
-if not COMFYUI:
-    pytest.skip("COMFYUI_PATH is not set; point it at a ComfyUI checkout (and COMFYUI_PYTHON at its interpreter) "
-                "to test the LoRA loader inside the real ComfyUI", allow_module_level=True)
-PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+require_comfyui("to test the LoRA loader inside the real ComfyUI")
 
 LAYER = "double_blocks.0.img_attn.qkv"
 RANK, ALPHA, STRENGTH = 4, 2.0, 0.5
 
-SCRIPT = r"""
-import json, sys
-config = json.loads(sys.argv[1])
-sys.argv = ["main.py", "--cpu"]
-sys.path[:0] = [config["comfyui"], config["tests"]]
-import importlib
-import comfy.options
-comfy.options.enable_args_parsing()
-import comfy.model_management as mm
-import folder_paths
-import torch
-from safetensors.torch import save_file
-from node_support import load_pack, run_node
-
-pack = load_pack()
-assert sys.modules["step1x_edit_pack.nodes._comfy"].IN_COMFYUI
-for kind in ("diffusion_models", "loras"):
-    folder_paths.add_model_folder_path(kind, config[kind])
-base = run_node(pack, "Step1XEditDiTLoader", unet_name=config["dit"], weight_dtype=config["weight_dtype"],
-                attention="sdpa")[0]
-lora = run_node(pack, "Step1XEditLoraLoader", model=base, lora_name=config["lora"], strength=config["strength"])[0]
+SCRIPT = DIT_WITH_A_LORA + r"""
 read = lambda: base.model.state_dict()[config["key"]].detach().float().clone()
-sampling = importlib.import_module("step1x_edit_pack.step1x.sampling.denoise")
-g = torch.Generator().manual_seed(0)
-text = sampling.TextConditioning(torch.randn(1, 8, base.model.params.connector.in_channels, generator=g),
-                                 torch.ones(1, 8, dtype=torch.long))
-noise, reference = torch.randn(1, 16, 4, 4, generator=g), torch.randn(1, 16, 4, 4, generator=g)
-edit = lambda model: sampling.denoise(model.model, noise, text, None, reference=reference, steps=2,
-                                      compute_dtype=model.compute_dtype, device=torch.device("cpu"))
 out = {"before": read()}
 mm.load_models_gpu([base.patcher])
 out["base_edit"] = edit(base)
@@ -96,18 +72,12 @@ def files(tmp_path_factory):
 
 
 def run_in_comfyui(root: Path, dit: str, weight_dtype: str) -> tuple[dict, str]:
-    config = {"comfyui": COMFYUI, "tests": str(ROOT / "tests"), "diffusion_models": str(root / "models" /
-              "diffusion_models"), "loras": str(root / "loras"), "dit": dit, "lora": "tiny_lora.safetensors",
-              "weight_dtype": weight_dtype, "strength": STRENGTH, "key": LAYER + ".weight",
-              "out": str(root / f"weights_{weight_dtype}.safetensors")}
-    result = subprocess.run([PYTHON, "-c", SCRIPT, json.dumps(config)], cwd=COMFYUI, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    from safetensors import safe_open
-
-    with safe_open(config["out"], framework="pt") as f:
-        stored = f.metadata()["stored"]
-    return load_file(config["out"]), stored
+    config = {"diffusion_models": str(root / "models" / "diffusion_models"), "loras": str(root / "loras"), "dit": dit,
+              "lora": "tiny_lora.safetensors", "weight_dtype": weight_dtype, "strength": STRENGTH,
+              "key": LAYER + ".weight", "out": str(root / f"weights_{weight_dtype}.safetensors")}
+    run_script(SCRIPT, config)
+    weights, metadata = saved_tensors(config["out"])
+    return weights, metadata["stored"]
 
 
 @pytest.fixture(scope="module")
@@ -149,43 +119,25 @@ def test_comfyui_patches_fp8_weights_and_restores_their_bits(files, in_comfyui):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, files):
-    import test_comfyui_server as real
-
     base = tmp_path_factory.mktemp("comfyui_lora_base")
-    real._prepare_base(base)
+    prepare_base(base)
     (base / "models" / "loras").mkdir()
     (base / "models" / "loras" / "tiny_lora.safetensors").write_bytes(
         (files[0] / "loras" / "tiny_lora.safetensors").read_bytes())
-    with real.serve(base) as srv:
+    with serve(base) as srv:
         yield srv
 
 
-def _with_lora(real, strength: float, seed: int) -> dict:
-    prompt = real._api_prompt(**{"7__seed": seed})
-    prompt["20"] = {"class_type": "Step1XEditLoraLoader",
-                    "inputs": {"model": ["1", 0], "lora_name": "tiny_lora.safetensors", "strength": strength}}
-    prompt["7"]["inputs"]["model"] = ["20", 0]
-    return prompt
-
-
-def _pixels(server, entry):
-    import numpy as np
-    from PIL import Image
-
-    assert entry["status"]["status_str"] == "success", entry["status"]
-    image = entry["outputs"]["10"]["images"][0]
-    with Image.open(server.base / "output" / image["subfolder"] / image["filename"]) as saved:
-        return np.asarray(saved.convert("RGB"))
+def _with_lora(strength: float, seed: int) -> dict:
+    return with_lora(api_prompt(**{"7__seed": seed}), "tiny_lora.safetensors", strength)
 
 
 def test_the_lora_loader_changes_the_api_workflow_result_and_the_base_model_comes_back(server):
-    import test_comfyui_server as real
-
     info = server.get("/object_info/Step1XEditLoraLoader")["Step1XEditLoraLoader"]
     assert info["input"]["required"]["lora_name"][0] == ["tiny_lora.safetensors"]
-    before_any_lora = _pixels(server, server.run(_with_lora(real, 0.0, seed=4)))
-    plain = _pixels(server, server.run(real._api_prompt(**{"7__seed": 3})))
-    with_lora = _pixels(server, server.run(_with_lora(real, 1.0, seed=3)))
-    after_the_lora = _pixels(server, server.run(real._api_prompt(**{"7__seed": 4})))
+    before_any_lora = saved_image(server, server.run(_with_lora(0.0, seed=4)))
+    plain = saved_image(server, server.run(api_prompt(**{"7__seed": 3})))
+    with_lora = saved_image(server, server.run(_with_lora(1.0, seed=3)))
+    after_the_lora = saved_image(server, server.run(api_prompt(**{"7__seed": 4})))
     assert (with_lora != plain).any()
     assert (after_the_lora == before_any_lora).all()

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from .assign import declared_tensors, load_state, refuse_mismatch, refuse_wrong_shapes
 from .safetensors_file import PICKLE_SUFFIXES, CheckpointError, Header, TensorInfo, open_tensors, read_header
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -168,21 +169,17 @@ def _read_config(path: Path) -> dict:
 # ------------------------------------------------------------------------------------------- assigning
 
 
-def expected_keys(model: torch.nn.Module) -> list[str]:
-    """The official keys a model needs, by the rule of :func:`.loading._assign` (its state dict)."""
-    return sorted(model.state_dict().keys())
-
-
 def assign(model: torch.nn.Module, files: DiffusersFiles, plan: Plan, dtype_of: Callable[[str], torch.dtype],
            device: torch.device, what: str,
            alias: Callable[[str], str | None] = lambda key: None) -> None:
     """Build every official tensor of ``model`` from ``files`` by ``plan`` and assign it (one tensor at a
-    time, each read, combined and cast before the next). Nothing is loaded unless every tensor is there
-    and every tensor of the files is used."""
+    time, each read, combined and cast before the next). Nothing is loaded unless every tensor is there,
+    every tensor of the files is used and every official tensor comes out in the shape the model expects."""
     available = files.where
+    expected = declared_tensors(model)
     sources = {}
     missing = []
-    for key in expected_keys(model):
+    for key in sorted(expected):
         try:
             names, op = plan(key)
         except KeyError:
@@ -191,17 +188,7 @@ def assign(model: torch.nn.Module, files: DiffusersFiles, plan: Plan, dtype_of: 
         missing.extend(n for n in names if n not in available)
         sources[key] = (names, op)
     used = {n for names, _ in sources.values() for n in names}
-    unexpected = sorted(set(available) - used)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:5])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:5])})")
-        raise CheckpointError(
-            f"{files.label} does not match {what}: {'; '.join(parts)} tensors. The files are incomplete or of "
-            "another model; nothing was loaded."
-        )
+    refuse_mismatch(files.label, what, missing, sorted(set(available) - used))
     state = {}
     with ExitStack() as stack:
         readers = {}
@@ -216,7 +203,8 @@ def assign(model: torch.nn.Module, files: DiffusersFiles, plan: Plan, dtype_of: 
             tensor = combine([read(n) for n in names], op)
             state[key] = tensor.to(device=device, dtype=dtype_of(key))
             del tensor
-    model.load_state_dict(state, strict=True, assign=True)
+    refuse_wrong_shapes(files.label, expected, {key: tuple(t.shape) for key, t in state.items()})
+    load_state(model, state, files.label)
 
 
 def combine(parts: list[torch.Tensor], op: str) -> torch.Tensor:

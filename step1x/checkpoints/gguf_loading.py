@@ -21,6 +21,7 @@ from ..models.attention import select_backend
 from ..models.model import Step1XEdit
 from ..models.ops import CastOps
 from ..models.quantized import QuantizedOps, holds_quantized, quantized_bytes, set_quantized
+from .assign import check_file, declared_tensors
 from .gguf_file import DIT_ARCHITECTURES, GGUFFile, read_gguf
 from .loading import _BLOCK_LINEAR, DiTFileInfo, _inspect_dit, describe, storage_dtype, weight_dtype_for
 from .safetensors_file import CheckpointError
@@ -89,18 +90,9 @@ def load_gguf_dit(
 
 def _assign(model: nn.Module, file: GGUFFile, prefix: str, compute: torch.dtype, weight: torch.dtype | None,
             device: torch.device) -> None:
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    expected = declared_tensors(model)
     present = {k[len(prefix):]: t for k, t in file.tensors.items() if k.startswith(prefix)}
-    missing = sorted(expected.keys() - present.keys())
-    unexpected = sorted(present.keys() - expected.keys())
-    wrong = sorted(k for k in expected.keys() & present.keys() if present[k].shape != expected[k])
-    if missing or unexpected or wrong:
-        parts = [f"{len(names)} {what} (e.g. {', '.join(names[:5])})" for what, names in
-                 (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong)) if names]
-        raise CheckpointError(
-            f"{file.path.name} does not match the model it describes: {'; '.join(parts)} keys. The file is "
-            "incomplete or of another model; nothing was loaded."
-        )
+    check_file(file.path.name, expected, {k: tuple(t.shape) for k, t in present.items()})
     modules = dict(model.named_modules())
     for key in sorted(expected):
         tensor = present[key]

@@ -25,6 +25,8 @@ from ..models.autoencoder import AutoEncoder
 from ..models.configs import STEP1X_EDIT, AutoEncoderParams, ConnectorParams, DiTParams
 from ..models.model import Step1XEdit
 from ..models.ops import FP8_DTYPES, CastOps
+from .assign import check_file, declared_tensors, load_state
+from .assign import unloaded_tensors as unloaded_tensors  # imported from here by callers and tests
 from .gguf_file import is_gguf
 from .safetensors_file import DTYPES, CheckpointError, Header, open_tensors, read_header
 
@@ -248,37 +250,6 @@ def cast_model(model: torch.nn.Module, compute_dtype: torch.dtype, weight_dtype:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def declared_tensors(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Every tensor ``model`` declares, by state-dict key, with its shape.
-
-    That is its state dict plus the weights of layers built lazily: ComfyUI's layers under dynamic VRAM
-    create a Linear with ``weight = None`` and make the parameter only when a state dict is loaded into
-    it, so such a layer is missing from ``model.state_dict()`` until then."""
-    shapes = {key: tuple(t.shape) for key, t in model.state_dict(keep_vars=True).items()}
-    for name, module in model.named_modules():
-        for key, shape in _lazy_tensors(module).items():
-            shapes.setdefault(f"{name}.{key}" if name else key, shape)
-    return shapes
-
-
-def _lazy_tensors(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """The parameters a lazily built Linear creates when it is loaded; none for any other layer."""
-    if not isinstance(module, torch.nn.Linear) or "weight" in module._parameters or module.weight is not None:
-        return {}
-    tensors = {"weight": (module.out_features, module.in_features)}
-    if getattr(module, "comfy_need_lazy_init_bias", False):
-        tensors["bias"] = (module.out_features,)
-    return tensors
-
-
-def unloaded_tensors(model: torch.nn.Module) -> list[str]:
-    """Keys of tensors that still hold no data: meta placeholders and lazy layers never loaded."""
-    names = [k for k, t in model.state_dict(keep_vars=True).items() if t.is_meta]
-    for name, module in model.named_modules():
-        names += [f"{name}.{key}" if name else key for key in _lazy_tensors(module)]
-    return names
-
-
 def _assign(model: torch.nn.Module, header: Header, prefix: str, dtype_of, device: torch.device) -> None:
     """Read every tensor of the model from the file (under ``prefix``) as ``dtype_of(key)`` onto ``device``.
 
@@ -286,27 +257,8 @@ def _assign(model: torch.nn.Module, header: Header, prefix: str, dtype_of, devic
     read; a model whose layers then refuse a tensor is a fault of those layers, not of the file."""
     expected = declared_tensors(model)
     present = {k[len(prefix):]: k for k in header.tensors if k.startswith(prefix)}
-    missing = sorted(expected.keys() - present.keys())
-    unexpected = sorted(k for k in present.keys() - expected.keys() if not k.endswith((".scale_weight", "scaled_fp8")))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:5])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:5])})")
-        raise CheckpointError(
-            f"{header.path.name} does not match the model it describes: {'; '.join(parts)} keys. The file is "
-            "incomplete or of another model; nothing was loaded."
-        )
-    wrong = [(k, header.tensors[present[k]].shape, shape) for k, shape in sorted(expected.items())
-             if tuple(header.tensors[present[k]].shape) != shape]
-    if wrong:
-        key, stored, shape = wrong[0]
-        raise CheckpointError(
-            f"{header.path.name}: {len(wrong)} tensors do not have the shape the rest of the file implies, e.g. "
-            f"{key} is {list(stored)} where {list(shape)} is expected. The file is inconsistent (a bad conversion "
-            "or a mix of two models); nothing was loaded."
-        )
+    check_file(header.path.name, expected, {k: tuple(header.tensors[full].shape) for k, full in present.items()},
+               ignored=(".scale_weight", "scaled_fp8"))
     state = {}
     with open_tensors(header.path) as f:
         for key in sorted(expected):
@@ -317,24 +269,7 @@ def _assign(model: torch.nn.Module, header: Header, prefix: str, dtype_of, devic
                 tensor = tensor.float() * f.get_tensor(scale_key).float()
             state[key] = tensor.to(device=device, dtype=dtype_of(key))
             del tensor
-    result = model.load_state_dict(state, strict=False, assign=True)
-    refused = sorted(set(result.missing_keys) | set(result.unexpected_keys) | set(unloaded_tensors(model)))
-    if refused:
-        layers = sorted({_layer_type(model, key) for key in refused})
-        raise RuntimeError(
-            f"{header.path.name} matches the model, but its layers did not take {len(refused)} of the file's "
-            f"tensors (e.g. {', '.join(refused[:5])}; layer classes: {', '.join(layers[:4])}). The file is fine: "
-            "these layer classes load weights in a way this pack does not support. Please report it together "
-            "with your ComfyUI version."
-        )
-
-
-def _layer_type(model: torch.nn.Module, key: str) -> str:
-    try:
-        module = model.get_submodule(key.rpartition(".")[0])
-    except AttributeError:
-        return "unknown"
-    return f"{type(module).__module__}.{type(module).__qualname__}"
+    load_state(model, state, header.path.name)
 
 
 def load_dit(

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..checkpoints.loading import declared_tensors, unloaded_tensors
+from ..checkpoints.assign import declared_tensors, unloaded_tensors
 from ..checkpoints.safetensors_file import open_tensors
 from . import keys as K
 from .checkpoint import Checkpoint, CheckpointError, is_fp8
