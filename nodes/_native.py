@@ -47,8 +47,9 @@ SIGMA_TABLE = 720720
 ``len(table) / steps``-th entry; 720720 is divisible by every step count up to 16 and by 18, 20, 21, 24, 28,
 30, 36, 40, 42, 48, 56, 60..., so for those counts ``simple`` lands on the official times."""
 
-TEXT_TOKENS = 640
-"""Text tokens assumed for the memory estimate when the conditioning is not known yet (the official maximum)."""
+TEXT_TOKENS = {"v1.2": 2048}
+"""Text tokens assumed for the memory estimate when the conditioning is not known yet: the official maximum, 640
+(v1.2: its prompt limit)."""
 
 V12_FIELDS = (("step1x_txt_ids", "txt_ids"), ("step1x_text_embeds", "text_embeds"), ("step1x_text_mask", "text_mask"))
 """Conditioning entries of v1.2 and the model inputs (and TextConditioning fields) they become."""
@@ -140,7 +141,8 @@ class Step1XEditModel(comfy.model_base.BaseModel):
 
     def memory_required(self, input_shape, cond_shapes={}):  # noqa: B006 (ComfyUI's signature)
         """Activation memory of one evaluation of ``input_shape`` latents, as the pack's sampler estimates it."""
-        text = max((s[1] for s in cond_shapes.get("c_crossattn", [])), default=TEXT_TOKENS)
+        unknown = TEXT_TOKENS.get(self.params.version, 640)
+        text = max((s[1] for s in cond_shapes.get("c_crossattn", [])), default=unknown)
         copies = 2 if cond_shapes.get("ref_latent") else 1
         tokens = text + copies * stepwise.image_tokens(input_shape[-2], input_shape[-1])
         return input_shape[0] * tokens * self.params.hidden_size * self.compute_dtype.itemsize * ACTIVATION_FACTOR
