@@ -116,10 +116,16 @@ def make_noise(shape: tuple[int, ...], seed: int) -> Tensor:
 
 
 def renorm_divisor(diff_norm: Tensor, k: float = 0.4) -> Tensor:
-    """``max(norm, 1) ** k`` written as the official ``process_diff_norm``."""
+    """``max(norm, 1) ** k`` written as the official ``process_diff_norm``. The power is taken one batch row at a
+    time: CPU kernels round ``pow`` differently depending on the tensor's length, and a row of a batch must give
+    what it gives when sampled alone."""
+    if diff_norm.ndim:
+        powered = torch.cat([torch.pow(row, k) for row in diff_norm.split(1)])
+    else:
+        powered = torch.pow(diff_norm, k)
     return torch.where(
         diff_norm > 1.0,
-        torch.pow(diff_norm, k),
+        powered,
         torch.where(diff_norm < 1.0, torch.ones_like(diff_norm), diff_norm),
     )
 
