@@ -6,16 +6,18 @@ Besides :mod:`._comfy`, this is the one module that imports ComfyUI's model clas
 ComfyUI.
 
 * :class:`Step1XEditModel` is a ``comfy.model_base.BaseModel`` of flow type whose ``diffusion_model`` is the
-  pack's own ``Step1XEdit`` module. Every model evaluation is the official sampler's step taken to time 0
-  (:func:`step1x.stepwise.denoised`): connector and DiT run from the conditioning at every step.
+  pack's own ``Step1XEdit`` module. Every model evaluation is the pack's sampler step taken to time 0
+  (:func:`step1x.stepwise.denoised`), under the sampler rules of the DiT's version (v1.0/v1.1 official, v1.2
+  its reference pipeline's: DiT time, reference positions, one DiT call per row with its own text length):
+  connector and DiT run from the conditioning at every step.
 * Its conditioning (made by the Step1X-Edit Encode node) is ComfyUI's: the MLLM embedding is the tensor, the
   text mask and v1.2's optional inputs are ``step1x_*`` entries, the reference latent is the
   ``reference_latents`` list that ComfyUI's ReferenceLatent node fills. Every part becomes a ``CONDRegular``,
   which batches the two sides of CFG only when their shapes match: texts of unequal length run as separate
   evaluations, never padded or repeated.
 * :class:`Step1XModelSampling` is the official schedule's shift (FLUX's time shift with ``mu`` from the image
-  token count); :class:`OfficialGuidance` is the official CFG renorm, set as ComfyUI's
-  ``sampler_cfg_function``.
+  token count); :class:`OfficialGuidance` is the CFG renorm of the version (v1.2: at every step with the
+  default threshold), set as ComfyUI's ``sampler_cfg_function``.
 * :func:`register_lora_keys` teaches ``comfy.lora.model_lora_keys_unet`` the module names the pack's LoRA
   reader understands, so LoraLoaderModelOnly applies Step1X-Edit LoRA files to this model.
 
@@ -35,7 +37,8 @@ import torch
 
 from ..step1x import stepwise
 from ..step1x.checkpoints.lora import linear_shapes, module_names
-from ..step1x.sampling.denoise import TextConditioning
+from ..step1x.sampling.calls import TextConditioning
+from ..step1x.sampling.rules import SamplerRules, rules_for
 from . import _comfy as bridge
 from .sampler import ACTIVATION_FACTOR
 
@@ -44,8 +47,9 @@ SIGMA_TABLE = 720720
 ``len(table) / steps``-th entry; 720720 is divisible by every step count up to 16 and by 18, 20, 21, 24, 28,
 30, 36, 40, 42, 48, 56, 60..., so for those counts ``simple`` lands on the official times."""
 
-TEXT_TOKENS = 640
-"""Text tokens assumed for the memory estimate when the conditioning is not known yet (the official maximum)."""
+TEXT_TOKENS = {"v1.2": 2048}
+"""Text tokens assumed for the memory estimate when the conditioning is not known yet: the official maximum, 640
+(v1.2: its prompt limit)."""
 
 V12_FIELDS = (("step1x_txt_ids", "txt_ids"), ("step1x_text_embeds", "text_embeds"), ("step1x_text_mask", "text_mask"))
 """Conditioning entries of v1.2 and the model inputs (and TextConditioning fields) they become."""
@@ -79,6 +83,7 @@ class Step1XEditModel(comfy.model_base.BaseModel):
         self.diffusion_model = dit
         self.model_sampling = Step1XModelSampling()
         self.compute_dtype = compute_dtype
+        self.rules = rules_for(dit.params.version)
         storage = self.get_dtype()
         self.manual_cast_dtype = None if storage == compute_dtype else compute_dtype
         self._lora_keys = None
@@ -136,7 +141,8 @@ class Step1XEditModel(comfy.model_base.BaseModel):
 
     def memory_required(self, input_shape, cond_shapes={}):  # noqa: B006 (ComfyUI's signature)
         """Activation memory of one evaluation of ``input_shape`` latents, as the pack's sampler estimates it."""
-        text = max((s[1] for s in cond_shapes.get("c_crossattn", [])), default=TEXT_TOKENS)
+        unknown = TEXT_TOKENS.get(self.params.version, 640)
+        text = max((s[1] for s in cond_shapes.get("c_crossattn", [])), default=unknown)
         copies = 2 if cond_shapes.get("ref_latent") else 1
         tokens = text + copies * stepwise.image_tokens(input_shape[-2], input_shape[-1])
         return input_shape[0] * tokens * self.params.hidden_size * self.compute_dtype.itemsize * ACTIVATION_FACTOR
@@ -159,7 +165,7 @@ class Step1XEditModel(comfy.model_base.BaseModel):
                 "with set_cond_area 'mask bounds') is not supported; use set_cond_area 'default'")
         with torch.no_grad():
             return stepwise.denoised(self.diffusion_model, x, t, text, reference, compute_dtype=self.compute_dtype,
-                                     device=x.device)
+                                     device=x.device, rules=self.rules)
 
     # -------------------------------------------------------------------------------------------- LoRA
 
@@ -181,17 +187,19 @@ class Step1XEditModel(comfy.model_base.BaseModel):
 
 
 class OfficialGuidance:
-    """ComfyUI ``sampler_cfg_function``: the official true CFG, whose guidance difference is renormalised per
-    token while the time is above ``renorm_threshold`` (0.93 official, 1.0 off)."""
+    """ComfyUI ``sampler_cfg_function``: the true CFG of the version's ``rules``, whose guidance difference is
+    renormalised per token while the renorm condition holds (official: the time above ``renorm_threshold``, 0.93;
+    1.0 off; v1.2: the 0-1000 timestep above it, so at every step)."""
 
-    def __init__(self, renorm_threshold: float = 0.93):
+    def __init__(self, renorm_threshold: float = 0.93, rules: SamplerRules | None = None):
         self.renorm_threshold = float(renorm_threshold)
+        self.rules = rules or rules_for("v1.1")
 
     def __call__(self, args):
         if args.get("input_uncond") is None:  # no negative conditioning: no guidance
             return args["cond"]
         return stepwise.guided_eps(args["cond"], args["uncond"], args["cond_scale"], args["sigma"],
-                                   self.renorm_threshold)
+                                   self.renorm_threshold, self.rules)
 
 
 # ---------------------------------------------------------------------------------------- model patcher
@@ -215,9 +223,16 @@ def check(patcher) -> None:
 
 
 def set_guidance(patcher, renorm_threshold: float) -> None:
-    """Make ``patcher``'s CFG the official one; ComfyUI's cfg-1 shortcut is turned off because the official
-    guidance renormalises even at scale 1."""
-    patcher.set_model_sampler_cfg_function(OfficialGuidance(renorm_threshold), disable_cfg1_optimization=True)
+    """Make ``patcher``'s CFG the one its version was published with; ComfyUI's cfg-1 shortcut is turned off
+    because that guidance renormalises even at scale 1."""
+    guidance = OfficialGuidance(renorm_threshold, patcher.model.rules)
+    patcher.set_model_sampler_cfg_function(guidance, disable_cfg1_optimization=True)
+
+
+def rules(patcher) -> SamplerRules:
+    """The sampler rules of a Step1X-Edit MODEL (its version's)."""
+    check(patcher)
+    return patcher.model.rules
 
 
 def with_guidance(patcher, renorm_threshold: float):

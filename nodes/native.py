@@ -10,14 +10,17 @@ from __future__ import annotations
 import torch
 
 from ..step1x import stepwise
-from ..step1x.checkpoints.loading import inspect_dit, load_dit
+from ..step1x.checkpoints.loading import load_dit
 from ..step1x.graph_io import DOWNSCALE, check_latent, resize_images
-from ..step1x.models.attention import backend_names
-from ..step1x.sampling.denoise import LATENT_CHANNELS, TextConditioning
+from ..step1x.sampling import v12
+from ..step1x.sampling.calls import TextConditioning
+from ..step1x.sampling.denoise import LATENT_CHANNELS
+from ..step1x.sampling.rules import OFFICIAL
 from . import _comfy as bridge
 from .conditioning import InstructionEncode
-from .loaders import DIT_WEIGHT_DTYPES
-from .sockets import CATEGORY, LAYOUT_V11, LAYOUT_V12, MLLM
+from .loaders import DiTLoader
+from .model_lists import find
+from .sockets import CATEGORY, LAYOUT_V12
 from .vae import check_vae
 
 CONDITIONING_KEYS = {"mask": "step1x_mask", "txt_ids": "step1x_txt_ids", "text_embeds": "step1x_text_embeds",
@@ -36,9 +39,11 @@ def _native():
 
 class ModelLoader:
     DESCRIPTION = ("Loads the Step1X-Edit DiT (with its connector) as a ComfyUI MODEL, for KSampler, "
-                   "SamplerCustomAdvanced, LoraLoaderModelOnly and ComfyUI's model patches. The model carries the "
-                   "official guidance (CFG renorm at 0.93) and the schedule shift of a 512x512 image; Step1X-Edit "
-                   "Model Sampling sets the shift for your latent. Same files as the DiT Loader.")
+                   "SamplerCustomAdvanced, LoraLoaderModelOnly and ComfyUI's model patches: v1.0, v1.1 or v1.2, as a "
+                   "file (safetensors, fp8, GGUF) or a diffusers-layout model folder (Step1X-Edit-v1p2). The model "
+                   "samples by the rules its version was published with and carries that guidance (CFG renorm at "
+                   "0.93; v1.2 renorms at every step) and the schedule shift of a 512x512 image; Step1X-Edit Model "
+                   "Sampling sets the shift for your latent. Same files as the DiT Loader.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL",)
@@ -47,24 +52,11 @@ class ModelLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "unet_name": (bridge.model_files("diffusion_models"), {
-                "tooltip": "The Step1X-Edit DiT file in models/diffusion_models (or models/unet)."}),
-            "weight_dtype": (DIT_WEIGHT_DTYPES, {"default": "default", "tooltip": (
-                "How the large block weights are kept in memory. default: as stored (fp8 files stay fp8, others "
-                "in the compute dtype). fp8_e4m3fn / fp8_e5m2: about half the memory of bf16. bf16: full quality.")}),
-            "attention": (backend_names(), {"default": "auto", "tooltip": (
-                "Attention kernel. auto picks flash-attn or xformers when installed and suitable, else PyTorch "
-                "SDPA.")}),
-        }}
+        return DiTLoader.INPUT_TYPES()
 
     def load(self, unet_name, weight_dtype, attention):
         native = _native()
-        path = bridge.model_path("diffusion_models", unet_name)
-        if inspect_dit(path).version == "v1.2":
-            raise ValueError(f"{unet_name} is Step1X-Edit v1.2, which the native MODEL path does not run (it takes "
-                             "the official v1.0/v1.1 sampler apart); load it with the Step1X-Edit DiT Loader and "
-                             "use the Step1X-Edit Sampler (workflows/step1x_v12_edit.json)")
+        path = find(("diffusion_models",), unet_name)
         load_device, offload_device = bridge.dit_devices()
         dtype = bridge.compute_dtype(load_device)
         dit = load_dit(path, device=offload_device, compute_dtype=dtype, weight_dtype=weight_dtype,
@@ -74,10 +66,11 @@ class ModelLoader:
 
 class Encode:
     DESCRIPTION = ("Encodes the instruction and the negative prompt with the MLLM (the image resized to size_level, "
-                   "as the official editor does) into ComfyUI CONDITIONING for a Step1X-Edit MODEL. With a VAE, the "
-                   "image is also encoded at the working size: attached to both conditionings as the reference (as "
-                   "ReferenceLatent attaches it) and returned as the latent to sample. Without an image it encodes "
-                   "a text-to-image prompt (v1.1).")
+                   "as the official editor does) into ComfyUI CONDITIONING for a Step1X-Edit MODEL, in the layout of "
+                   "the MLLM's model (v1.2 from a v1.2 model folder: text positions and the quote mask ride along). "
+                   "With a VAE, the image is also encoded at the working size: attached to both conditionings as the "
+                   "reference (as ReferenceLatent attaches it) and returned as the latent to sample. Without an image "
+                   "it encodes a text-to-image prompt.")
     CATEGORY = CATEGORY
     FUNCTION = "encode"
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
@@ -91,19 +84,14 @@ class Encode:
 
     @classmethod
     def INPUT_TYPES(cls):
+        shared = InstructionEncode.INPUT_TYPES()
+        size = shared["required"]["size_level"]
         return {
-            "required": {
-                "mllm": (MLLM, {"tooltip": "The instruction encoder from the Step1X-Edit MLLM loader."}),
-                "instruction": ("STRING", {"multiline": True, "default": "", "tooltip": (
-                    "What to change, e.g. 'make the sky purple'. For text-to-image: the description of the image.")}),
-                "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": (
-                    "The negative side of guidance. Editing officially uses an empty string.")}),
-                "size_level": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 16, "tooltip": (
-                    "Working resolution: the image is resized to about size_level x size_level pixels at its aspect "
-                    "ratio (sides multiples of 16); the result has this size.")}),
-            },
+            "required": {**shared["required"], "size_level": (size[0], {**size[1], "tooltip": (
+                "Working resolution: the image is resized to about size_level x size_level pixels at its aspect "
+                "ratio (sides multiples of 16); the result has this size (v1.2 was published at 1024).")})},
             "optional": {
-                "image": ("IMAGE", {"tooltip": "The image to edit (original size). Leave empty for text-to-image."}),
+                "image": shared["optional"]["image"],
                 "vae": ("VAE", {"tooltip": (
                     "The FLUX VAE (Step1X-Edit VAE loader or Load VAE with ae.safetensors). Without it, attach the "
                     "reference yourself with ReferenceLatent.")}),
@@ -111,25 +99,33 @@ class Encode:
         }
 
     def encode(self, mllm, instruction, negative_prompt, size_level, image=None, vae=None):
-        if mllm.layout == LAYOUT_V12:
-            raise ValueError(f"'{mllm.name}' is the text encoder of a Step1X-Edit v1.2 model folder, and the native "
-                             "MODEL path runs v1.0/v1.1 only; for v1.2 use Instruction Encode, Connector and the "
-                             "Step1X-Edit Sampler (workflows/step1x_v12_edit.json)")
-        embeds = InstructionEncode().encode(mllm, instruction, negative_prompt, size_level, image, LAYOUT_V11)[0]
+        embeds = InstructionEncode().encode(mllm, instruction, negative_prompt, size_level, image)[0]
+        is_v12 = embeds.layout == LAYOUT_V12
         reference = None
         if image is not None:
             width, height = embeds.working_size
             if vae is not None:
                 check_vae(vae)
-                reference = latent = vae.encode(resize_images(image, (width, height)))
+                reference = latent = reference_latent(vae, image, (width, height), is_v12)
             else:
                 latent = torch.zeros(image.shape[0], LATENT_CHANNELS, height // DOWNSCALE, width // DOWNSCALE)
         else:
             side = size_level // 16 * 16 // DOWNSCALE
             latent = torch.zeros(1, LATENT_CHANNELS, side, side)
         edit = image is not None
-        return (conditioning(embeds.cond, reference, edit), conditioning(embeds.uncond, reference, edit),
+        cond, uncond = (padded(s) if is_v12 else s for s in (embeds.cond, embeds.uncond))
+        return (conditioning(cond, reference, edit), conditioning(uncond, reference, edit),
                 {"samples": latent.to(bridge.intermediate_device())})
+
+
+def reference_latent(vae, image: torch.Tensor, size: tuple[int, int], is_v12: bool) -> torch.Tensor:
+    """The raw latent of ``image`` resized to ``size`` (width, height): LANCZOS as the official v1.0/v1.1 code
+    resizes, or v1.2's antialiased bilinear resize of the VAE input. The VAE's mean (the Step1X-Edit Sampler
+    draws v1.2's posterior sample from its seed; give it this latent as reference_latent for the same result)."""
+    if not is_v12:
+        return vae.encode(resize_images(image, size))
+    pixels = v12.vae_input_pixels(image.movedim(-1, 1), size)
+    return vae.encode(((pixels + 1) / 2).clamp(0, 1).movedim(1, -1))
 
 
 def conditioning(text: TextConditioning, reference: torch.Tensor | None, edit: bool) -> list:
@@ -142,10 +138,31 @@ def conditioning(text: TextConditioning, reference: torch.Tensor | None, edit: b
     return [[text.llm_embedding, entries]]
 
 
+def padded(texts: list[TextConditioning]) -> TextConditioning:
+    """v1.2's per-image conditionings (each trimmed to its tokens) as one batch padded with zeros to the longest;
+    the model cuts every row back to its mask, so the padding never reaches the DiT."""
+    length = max(t.llm_embedding.shape[1] for t in texts)
+
+    def pad(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        grown = t.new_zeros((t.shape[0], length) + tuple(t.shape[2:]))
+        grown[:, :t.shape[1]] = t
+        return grown
+
+    rows = [TextConditioning(*(pad(x) for x in (t.llm_embedding, t.mask, t._ids(), t.text_embeds, t.text_mask)))
+            for t in texts]
+    if len(rows) == 1:
+        return rows[0]
+    return TextConditioning(*(None if getattr(rows[0], f) is None else torch.cat([getattr(r, f) for r in rows])
+                              for f in ("llm_embedding", "mask", "txt_ids", "text_embeds", "text_mask")))
+
+
 class Sigmas:
-    DESCRIPTION = ("The official Step1X-Edit schedule for the size of a latent, as SIGMAS for SamplerCustomAdvanced: "
-                   "steps + 1 times from 1 to 0 with the resolution shift. denoise < 1 starts at the official img2img "
-                   "step int((1 - denoise) * steps), as the Step1X-Edit Sampler does.")
+    DESCRIPTION = ("The Step1X-Edit schedule for the size of a latent, as SIGMAS for SamplerCustomAdvanced: steps + 1 "
+                   "times from 1 to 0 with the resolution shift. denoise < 1 starts at the official img2img step "
+                   "int((1 - denoise) * steps), as the Step1X-Edit Sampler does. With the model connected, the "
+                   "schedule of its version (v1.2 computes it in numpy float32: the same times within 1 ulp).")
     CATEGORY = CATEGORY
     FUNCTION = "get_sigmas"
     RETURN_TYPES = ("SIGMAS",)
@@ -160,11 +177,15 @@ class Sigmas:
             "steps": ("INT", {"default": 28, "min": 1, "max": 10000, "tooltip": "Denoising steps (official: 28)."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
                 "1.0 starts from noise. Lower values skip the first int((1 - denoise) * steps) steps (img2img).")}),
+        }, "optional": {
+            "model": ("MODEL", {"tooltip": "The Step1X-Edit MODEL to be sampled: its version's schedule (without it, "
+                                           "the official v1.0/v1.1 one)."}),
         }}
 
-    def get_sigmas(self, latent, steps, denoise):
+    def get_sigmas(self, latent, steps, denoise, model=None):
         samples = check_latent(latent, "latent")
-        return (stepwise.official_sigmas(steps, samples.shape[-2], samples.shape[-1], denoise),)
+        rules = OFFICIAL if model is None else _native().rules(model)
+        return (stepwise.sigmas(steps, samples.shape[-2], samples.shape[-1], denoise, rules),)
 
 
 class ModelSampling:
@@ -190,9 +211,10 @@ class ModelSampling:
 
 
 class CFGRenorm:
-    DESCRIPTION = ("Sets the official CFG renorm of a Step1X-Edit MODEL: while the time is above the threshold, the "
-                   "guidance difference is divided by max(|cond - uncond|, 1)^0.4 per token. The loader sets the "
-                   "official 0.93; 1.0 turns it off (plain CFG, as the first release).")
+    DESCRIPTION = ("Sets the CFG renorm of a Step1X-Edit MODEL: while the time is above the threshold, the guidance "
+                   "difference is divided by max(|cond - uncond|, 1)^0.4 per token. The loader sets the official "
+                   "0.93; 1.0 turns it off (plain CFG, as the first release). v1.2 compares its 0-1000 timestep with "
+                   "the threshold, as its reference does, so any threshold renorms at every step but the last.")
     CATEGORY = CATEGORY
     FUNCTION = "patch"
     RETURN_TYPES = ("MODEL",)

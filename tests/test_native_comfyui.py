@@ -2,8 +2,10 @@
 SamplerCustomAdvanced and KSampler through POST /prompt, compared with the pack's own Sampler on tiny models
 (CPU, float32). Latents come back through ComfyUI's SaveLatent.
 
-Also, in a ComfyUI process without a server: texts of unequal length reach the model exactly as given (v1.2's
-extra inputs included), and ComfyUI's latent previewer gets a preview at every step.
+Also, in a ComfyUI process without a server: texts of unequal length reach the model exactly as given, and
+ComfyUI's latent previewer gets a preview at every step. Step1X-Edit v1.2 (tiny model folder): SamplerCustomAdvanced
+with the Sigmas node on the model reproduces the pack's v1.2 Sampler for an edit whose cond and uncond texts differ
+in length, and KSampler comes within the README's figure.
 
 Needs ``COMFYUI_PATH`` (a ComfyUI checkout) and optionally ``COMFYUI_PYTHON`` (its interpreter), as
 ``test_comfyui_server.py`` does; ``STEP1X_TEST_PORT`` picks the server's port (default: a free one).
@@ -36,6 +38,10 @@ EXACT = 1e-5
 STEPS, SEED, CFG, SIZE_LEVEL = 4, 3, 6.0, 64
 LORA = "tiny_layouts_lora.safetensors"
 LORA_STRENGTH = 0.8
+V12 = "Step1X-Edit-v1p2"
+KSAMPLER_V12 = 1e-5
+"""Max abs difference of KSampler (euler, simple, after Step1X-Edit Model Sampling) from the pack's v1.2 Sampler
+(the README's figure for v1.2)."""
 
 
 # ------------------------------------------------------------------------------------------------ server
@@ -81,6 +87,8 @@ def server(tmp_path_factory):
     dit = base / "models" / "diffusion_models" / real.MODEL_NAMES["dit"]
     params = lib("checkpoints.loading").inspect_dit(dit).params
     _lora_file(base / "models" / "loras" / LORA, params)
+    lib("tiny").build_tiny_model_folder(base / "models" / "diffusion_models" / V12,
+                                        Path(COMFYUI) / "comfy" / "text_encoders" / "qwen25_tokenizer", version="v1.2")
     port = int(os.environ.get("STEP1X_TEST_PORT") or real._free_port())
     log = base / "comfyui.log"
     with open(log, "wb") as out:
@@ -142,12 +150,13 @@ def pack_sampler(prompt: dict, *, denoise=1.0, batch_size=1, model="1", text_to_
 
 
 def custom_sampler(prompt: dict, *, latent=("12", 2), positive=("12", 0), negative=("12", 1), model="11",
-                   denoise=1.0, sampler="euler", prefix="native") -> None:
+                   denoise=1.0, sampler="euler", prefix="native", sigmas_of_model=False) -> None:
     """RandomNoise + CFGGuider + KSamplerSelect + Step1X-Edit Sigmas -> SamplerCustomAdvanced -> SaveLatent."""
     prompt["13"] = node("RandomNoise", noise_seed=SEED)
     prompt["14"] = node("CFGGuider", model=[model, 0], positive=list(positive), negative=list(negative), cfg=CFG)
     prompt["15"] = node("KSamplerSelect", sampler_name=sampler)
-    prompt["16"] = node("Step1XEditSigmas", latent=list(latent), steps=STEPS, denoise=denoise)
+    on_model = {"model": [model, 0]} if sigmas_of_model else {}
+    prompt["16"] = node("Step1XEditSigmas", latent=list(latent), steps=STEPS, denoise=denoise, **on_model)
     prompt["17"] = node("SamplerCustomAdvanced", noise=["13", 0], guider=["14", 0], sampler=["15", 0],
                         sigmas=["16", 0], latent_image=list(latent))
     prompt["18"] = node("SaveLatent", samples=["17", 0], filename_prefix=f"latents/{prefix}")
@@ -202,6 +211,49 @@ def test_samplercustomadvanced_with_the_official_sigmas_reproduces_the_pack_samp
 
 def test_ksampler_euler_simple_after_model_sampling_is_within_the_stated_tolerance(edit):
     assert_exact(edit["ksampler"], edit["pack"])
+
+
+@pytest.fixture(scope="module")
+def edit_v12(server):
+    """A v1.2 edit: the native Encode (v1.2 conditioning from the model folder's encoder; 'make it red' and the empty
+    negative prompt give texts of different lengths) sampled by SamplerCustomAdvanced and KSampler, and the pack's
+    v1.2 Sampler given the same reference latent (the VAE's mean: the Sampler's own posterior sample of an image
+    comes from its seed, which the native Encode does not have)."""
+    prompt = base_prompt()
+    loader = {"unet_name": V12, "weight_dtype": "default", "attention": "sdpa"}
+    prompt["1"] = node("Step1XEditDiTLoader", **loader)
+    prompt["11"] = node("Step1XEditModelLoader", **loader)
+    prompt["2"]["inputs"]["mllm_name"] = V12
+    prompt["3"] = node("Step1XEditVAELoader", vae_name=f"{V12}/vae")
+    pack_sampler(prompt, reference_latent=["12", 2])
+    del prompt["7"]["inputs"]["reference_image"], prompt["7"]["inputs"]["vae"]
+    custom_sampler(prompt, sigmas_of_model=True)
+    ksampler(prompt)
+    entry = run(server, prompt)
+    return {name: latent(server, entry, node_id) for name, node_id in
+            (("pack", "8"), ("native", "18"), ("ksampler", "22"))}
+
+
+def test_v12_samplercustomadvanced_with_the_models_sigmas_reproduces_the_pack_v12_sampler(edit_v12):
+    gap = assert_exact(edit_v12["native"], edit_v12["pack"])
+    print(f"v1.2 SamplerCustomAdvanced vs the pack's v1.2 Sampler: {gap:.3g}")
+
+
+def test_v12_ksampler_euler_simple_is_within_the_stated_tolerance(edit_v12):
+    gap = (edit_v12["ksampler"] - edit_v12["pack"]).abs().max().item()
+    print(f"v1.2 KSampler euler/simple vs the pack's v1.2 Sampler: {gap:.3g}")
+    assert gap <= KSAMPLER_V12
+
+
+def test_v12_samples_with_a_negative_from_conditioning_zero_out(server):
+    prompt = base_prompt()
+    prompt["2"]["inputs"]["mllm_name"] = V12
+    prompt["3"] = node("Step1XEditVAELoader", vae_name=f"{V12}/vae")
+    prompt["11"] = node("Step1XEditModelLoader", unet_name=V12, weight_dtype="default", attention="sdpa")
+    prompt["30"] = node("ConditioningZeroOut", conditioning=["12", 1])
+    custom_sampler(prompt, negative=("30", 0), sigmas_of_model=True)
+    out = latent(server, run(server, prompt), "18")  # the zeroed negative keeps its text positions and mask
+    assert torch.isfinite(out).all()
 
 
 def test_text_to_image_reproduces_the_pack_sampler(server):
@@ -403,23 +455,23 @@ def side(length, valid):
     emb = torch.randn(1, length, width, generator=g) * 12  # |cond - uncond| above 1: the renorm acts
     mask = torch.zeros(1, length, dtype=torch.long)
     mask[:, :valid] = 1
-    quoted = (torch.rand(1, length, generator=g) > 0.5).long()
-    return denoise_mod.TextConditioning(emb, mask, torch.randn(1, length, 3, generator=g),
-                                        torch.randn(1, length, width, generator=g), quoted)
+    return denoise_mod.TextConditioning(emb, mask)
 
 cond, uncond = side(10, 8), side(7, 5)
 def conditioning(text):
-    return [[text.llm_embedding, {"step1x_mask": text.mask, "step1x_txt_ids": text.txt_ids,
-             "step1x_text_embeds": text.text_embeds, "step1x_text_mask": text.text_mask, "step1x_edit": True,
-             "reference_latents": [raw_ref]}]]
+    return [[text.llm_embedding, {"step1x_mask": text.mask, "step1x_edit": True, "reference_latents": [raw_ref]}]]
 
 seen, connector_inputs = [], []
 real_velocity = stepwise.velocity
 def recording_velocity(model, x, t, text, *args, **kwargs):
-    seen.append({k: getattr(text, k) for k in ("llm_embedding", "mask", "txt_ids", "text_embeds", "text_mask")})
+    seen.append({k: getattr(text, k) for k in ("llm_embedding", "mask")})
     return real_velocity(model, x, t, text, *args, **kwargs)
 stepwise.velocity = recording_velocity
-hook = dit.connector.register_forward_pre_hook(lambda module, args: connector_inputs.append(args[0].shape))
+real_prepare = dit.connector.prepare
+def recording_prepare(x, mask):
+    connector_inputs.append(x.shape)
+    return real_prepare(x, mask)
+dit.connector.prepare = recording_prepare
 
 sigmas = stepwise.official_sigmas(steps, h, w)
 latent = torch.zeros(1, 16, h, w)
@@ -433,12 +485,11 @@ def sample(patcher):
     return guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, seed=5).cpu()
 
 result = sample(model)
-hook.remove()
+del dit.connector.prepare
 stepwise.velocity = real_velocity
 renorm_off = sample(run_node(pack, "Step1XEditCFGRenorm", model=model, renorm_threshold=1.0)[0])
 
-# the official algorithm with one pass per side (as v1.2 runs unequal lengths, with its text positions), written
-# with the DiT's own parts
+# the official algorithm with one pass per side (each text at its own length), written with the DiT's own parts
 pack_, unpack, position_ids = denoise_mod.pack, denoise_mod.unpack, denoise_mod.position_ids
 ref = (raw_ref - 0.1159) * 0.3611
 base = denoise_mod.reference_id_base(dit.version)
@@ -452,7 +503,7 @@ def official(threshold):
             t, t_prev = float(sigmas[i]), float(sigmas[i + 1])
             preds = []
             for text in (cond, uncond):
-                txt_ids = text.txt_ids  # v1.2's text positions go into the RoPE table
+                txt_ids = torch.zeros(1, text.llm_embedding.shape[1], 3)
                 t_vec = torch.full((1,), t)
                 txt, y = dit.connector(text.llm_embedding, t_vec, text.mask)
                 img = torch.cat([x, pack_(ref)], 1)
@@ -477,7 +528,7 @@ for i, record in enumerate(seen):
     for key, value in record.items():
         out[f"seen{i}.{key}"] = value.float()
 for name, text in (("cond", cond), ("uncond", uncond)):
-    for key in ("llm_embedding", "mask", "txt_ids", "text_embeds", "text_mask"):
+    for key in ("llm_embedding", "mask"):
         out[f"{name}.{key}"] = getattr(text, key).float()
 save_file(out, config["out"], metadata={"connector": json.dumps([list(s) for s in connector_inputs]),
           "previews": json.dumps([None if p is None else [p[0], list(p[1].size)] for p in previews])})
@@ -509,7 +560,7 @@ def test_texts_of_unequal_length_reach_the_model_as_given(in_process):
     assert len(calls) == 2 * 3, "one evaluation per side and step, never one padded batch"
     for call in calls:
         side = "cond" if tensors[f"{call}.llm_embedding"].shape[1] == 10 else "uncond"
-        for key in ("llm_embedding", "mask", "txt_ids", "text_embeds", "text_mask"):
+        for key in ("llm_embedding", "mask"):
             assert torch.equal(tensors[f"{call}.{key}"], tensors[f"{side}.{key}"]), (call, key)
 
 

@@ -85,3 +85,56 @@ def test_the_model_nodes_say_they_need_comfyui(pack, node_id, inputs):
 def test_the_renorm_threshold_is_checked(pack):
     with pytest.raises(ValueError, match="renorm_threshold must be within"):
         run_node(pack, "Step1XEditCFGRenorm", model=None, renorm_threshold=1.5)
+
+
+# ----------------------------------------------------------------------------------------------------- v1.2
+
+V12 = "Step1X-Edit-v1p2"
+
+
+@pytest.fixture(scope="module")
+def v12_mllm(pack, bridge, tiny_v12_folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("native-v12-models")
+    (root / "diffusion_models").mkdir()
+    (root / "diffusion_models" / V12).symlink_to(tiny_v12_folder, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(bridge._HEADLESS_FOLDERS, "diffusion_models",
+                      [*bridge._HEADLESS_FOLDERS.get("diffusion_models", []), root / "diffusion_models"])
+        yield run_node(pack, "Step1XEditMLLMLoader", mllm_name=V12, dtype="fp32", device="default")[0]
+
+
+def test_encode_with_the_v12_encoder_gives_v12_conditioning(pack, v12_mllm, vae, picture):
+    embeds = run_node(pack, "Step1XEditInstructionEncode", mllm=v12_mllm, instruction="make it red",
+                      negative_prompt="", size_level=SIZE_LEVEL, image=picture)[0]
+    positive, negative, latent = run_node(pack, "Step1XEditEncode", mllm=v12_mllm, instruction="make it red",
+                                          negative_prompt="", size_level=SIZE_LEVEL, image=picture, vae=vae)
+    for conditioning, (side,) in ((positive, embeds.cond), (negative, embeds.uncond)):
+        tensor, entries = conditioning[0]
+        assert torch.equal(tensor, side.llm_embedding) and torch.equal(entries["step1x_mask"], side.mask)
+        assert torch.equal(entries["step1x_txt_ids"], side.txt_ids)
+        assert torch.equal(entries["step1x_text_embeds"], side.text_embeds)
+        assert torch.equal(entries["step1x_text_mask"], side.text_mask)
+    assert positive[0][0].shape[1] != negative[0][0].shape[1], "each side at its own length"
+    pixels = lib("sampling.v12").vae_input_pixels(picture.movedim(-1, 1), embeds.working_size)
+    expected = vae.encode(((pixels + 1) / 2).clamp(0, 1).movedim(1, -1))
+    assert torch.equal(latent["samples"], expected)
+    assert torch.equal(positive[0][1]["reference_latents"][0], expected)
+
+
+def test_v12_texts_of_several_images_are_padded_and_each_row_cuts_back_to_its_own(pack):
+    native = __import__(f"{pack.__name__}.nodes.native", fromlist=["padded"])
+    text = lib("sampling.calls").TextConditioning
+    g = torch.Generator().manual_seed(4)
+
+    def side(n):
+        return text(torch.randn(1, n, 8, generator=g), torch.ones(1, n, dtype=torch.long),
+                    torch.randn(1, n, 3, generator=g), torch.randn(1, n, 8, generator=g),
+                    torch.randint(0, 2, (1, n), generator=g))
+
+    short, long = side(5), side(9)
+    both = native.padded([short, long])
+    assert both.llm_embedding.shape == (2, 9, 8) and both.mask[0].tolist() == [1] * 5 + [0] * 4
+    for i, original in enumerate((short, long)):
+        row = both.row(i)
+        for field in ("llm_embedding", "mask", "txt_ids", "text_embeds", "text_mask"):
+            assert torch.equal(getattr(row, field), getattr(original, field)), field

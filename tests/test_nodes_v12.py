@@ -323,13 +323,10 @@ def test_reason_edit_with_a_regione_dit_edits_as_the_library_with_regione(pack, 
     np.testing.assert_array_equal((best[0].numpy() * 255).round().astype(np.uint8), np.asarray(expected))
 
 
-def test_the_native_path_refuses_v12_with_where_to_go(pack, folders, v12_mllm, photo, monkeypatch):
-    monkeypatch.setattr(importlib.import_module(f"{PACK_NAME}.nodes.native"), "_native", lambda: None)  # as in ComfyUI
-    with pytest.raises(ValueError, match="native MODEL path does not run"):
-        run_node(pack, "Step1XEditModelLoader", unet_name=V12, weight_dtype="default", attention="auto")
-    with pytest.raises(ValueError, match="native MODEL path runs v1.0/v1.1 only"):
-        run_node(pack, "Step1XEditEncode", mllm=v12_mllm, instruction="x", negative_prompt="", size_level=SIZE,
-                 image=comfy(photo))
+def test_the_native_model_loader_lists_what_the_dit_loader_lists(pack, folders):
+    """v1.2 runs on the native path too (tested in test_native_comfyui.py): its loader offers the model folders."""
+    listed = choices(pack, "Step1XEditModelLoader", "unet_name")
+    assert V12 in listed and listed == choices(pack, "Step1XEditDiTLoader", "unet_name")
 
 
 def test_reason_edit_refuses_a_bad_seed_and_a_quoted_placeholder_before_loading(pack, v12_dit, v12_mllm, v12_vae,

@@ -3,9 +3,16 @@
 A timestep-conditioned token refiner (``S``): each block is self-attention + MLP whose residuals are
 gated by a vector computed from the timestep and the masked mean of the input. ``global_proj_out``
 projects the masked mean to the 768-d vector the DiT adds to its timestep embedding.
+
+Only the timestep embedding and the refiner blocks depend on the time. A sampler that evaluates the connector at
+every step calls :meth:`Qwen2Connector.prepare` once per run (attention mask, masked mean, pooled vector, input
+embedder, context embedding) and :meth:`Qwen2Connector.refine` per step; ``forward`` is the two in a row, so
+the results are the same bit for bit.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -108,6 +115,10 @@ class IndividualTokenRefiner(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, mask: Tensor | None) -> Tensor:
         attn_mask = None if mask is None else refiner_attention_mask(mask.to(x.device))
+        return self.refine(x, c, attn_mask)
+
+    def refine(self, x: Tensor, c: Tensor, attn_mask: Tensor | None) -> Tensor:
+        """The blocks on embedded tokens ``x`` with the conditioning vector ``c`` and a ready attention mask."""
         for block in self.blocks:
             x = block(x, c, attn_mask)
         return x
@@ -126,10 +137,39 @@ class SingleTokenRefiner(nn.Module):
         )
 
     def forward(self, x: Tensor, t: Tensor, mask: Tensor | None) -> Tensor:
-        t_emb = self.t_embedder(t)
+        return self.refine(self.prepare(x, mask), t)
+
+    def prepare(self, x: Tensor, mask: Tensor | None) -> RefinerInputs:
+        """What does not depend on the time: embedded tokens, the context embedding of the (masked) mean and the
+        refiner's attention mask."""
         context = x.mean(dim=1) if mask is None else masked_mean(x, mask)
-        c = t_emb + self.c_embedder(context)
-        return self.individual_token_refiner(self.input_embedder(x), c, mask)
+        attn_mask = None if mask is None else refiner_attention_mask(mask.to(x.device))
+        return RefinerInputs(self.input_embedder(x), self.c_embedder(context), attn_mask)
+
+    def refine(self, inputs: RefinerInputs, t: Tensor) -> Tensor:
+        """The refined tokens at time ``t`` (0-1000 scale)."""
+        c = self.t_embedder(t) + inputs.context
+        return self.individual_token_refiner.refine(inputs.tokens, c, inputs.attn_mask)
+
+
+@dataclass
+class RefinerInputs:
+    """The token refiner's inputs that do not depend on the time (:meth:`SingleTokenRefiner.prepare`)."""
+
+    tokens: Tensor
+    """``input_embedder`` of the MLLM embedding (B, L, hidden)."""
+    context: Tensor
+    """``c_embedder`` of the masked mean (B, hidden), added to the timestep embedding."""
+    attn_mask: Tensor | None
+
+
+@dataclass
+class PreparedText:
+    """The connector's work for one text that is the same at every step (:meth:`Qwen2Connector.prepare`)."""
+
+    refiner: RefinerInputs
+    y: Tensor
+    """The pooled vector (B, global_out): ``global_proj_out`` of the masked mean."""
 
 
 class Qwen2Connector(nn.Module):
@@ -146,8 +186,16 @@ class Qwen2Connector(nn.Module):
             self.scale_factor = nn.Parameter(torch.full((1,), -0.91, dtype=dtype, device=device))
 
     def forward(self, x: Tensor, t: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        t = t * 1000
+        return self.refine(self.prepare(x, mask), t)
+
+    def prepare(self, x: Tensor, mask: Tensor) -> PreparedText:
+        """Everything that does not depend on the time, for the embedding ``x`` (B, L, in) and its mask (B, L):
+        computed once per sampling run."""
         x_mean = masked_mean(x, mask)
         if self.params.has_scale_factor:
             x_mean = x_mean * (1 + self.scale_factor.to(device=x.device, dtype=x.dtype))
-        return self.S(x, t, mask), self.global_proj_out(x_mean)
+        return PreparedText(self.S.prepare(x, mask), self.global_proj_out(x_mean))
+
+    def refine(self, prepared: PreparedText, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Text tokens (B, L, hidden) and the pooled vector at flow time ``t`` in [0, 1] (B,)."""
+        return self.S.refine(prepared.refiner, t * 1000), prepared.y

@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .calls import Conditioning, TextConditioning, batch_rows, plan_calls, predict  # noqa: F401 (TextConditioning: re-exported)
 from .rules import SamplerRules, official_schedule, rules_for
-from .teacache import TeaCache
 
 LATENT_CHANNELS = 16
 
@@ -116,10 +116,16 @@ def make_noise(shape: tuple[int, ...], seed: int) -> Tensor:
 
 
 def renorm_divisor(diff_norm: Tensor, k: float = 0.4) -> Tensor:
-    """``max(norm, 1) ** k`` written as the official ``process_diff_norm``."""
+    """``max(norm, 1) ** k`` written as the official ``process_diff_norm``. The power is taken one batch row at a
+    time: CPU kernels round ``pow`` differently depending on the tensor's length, and a row of a batch must give
+    what it gives when sampled alone."""
+    if diff_norm.ndim:
+        powered = torch.cat([torch.pow(row, k) for row in diff_norm.split(1)])
+    else:
+        powered = torch.pow(diff_norm, k)
     return torch.where(
         diff_norm > 1.0,
-        torch.pow(diff_norm, k),
+        powered,
         torch.where(diff_norm < 1.0, torch.ones_like(diff_norm), diff_norm),
     )
 
@@ -134,70 +140,6 @@ def guidance(cond: Tensor, uncond: Tensor, scale: float, renorm: bool, power: fl
 
 
 # ------------------------------------------------------------------------------------------------ denoise
-
-
-@dataclass
-class TextConditioning:
-    """MLLM output for one side of CFG: ``llm_embedding`` (B|1, L, C) and its 0/1 ``mask`` (B|1, L).
-
-    v1.2 adds three fields (``None`` for v1.0/v1.1, whose text positions are all zero):
-
-    * ``txt_ids`` (B|1, L, 3) or (L, 3) float32: the text tokens' RoPE positions (M-RoPE ids shifted
-      negative, image tokens placed on the latent grid; fractional values are allowed).
-    * ``text_embeds`` (B|1, L, C): the MLLM *input* embeddings of the same tokens, for the DiT's
-      ``text_token_mapping``.
-    * ``text_mask`` (B|1, L): 1 on the tokens of quoted characters, where the mapping is added.
-
-    v1.2 sends no padding into the DiT: each prompt is trimmed to its valid length. Prompts of different
-    lengths are given as separate conditionings (a list per CFG side, see :func:`denoise`); a padded batch
-    is trimmed row by row to its mask.
-    """
-
-    llm_embedding: Tensor
-    mask: Tensor
-    txt_ids: Tensor | None = None
-    text_embeds: Tensor | None = None
-    text_mask: Tensor | None = None
-
-    @property
-    def is_v12(self) -> bool:
-        return self.txt_ids is not None or self.text_embeds is not None
-
-    def expand(self, batch: int) -> "TextConditioning":
-        n = self.llm_embedding.shape[0]
-        if n == batch:
-            return self
-        if n != 1:
-            raise ValueError(f"conditioning holds {n} prompts but the batch has {batch} images; give 1 or {batch}")
-        return TextConditioning(
-            self.llm_embedding.expand(batch, -1, -1), self.mask.expand(batch, -1),
-            None if self.txt_ids is None else self._ids().expand(batch, -1, -1),
-            None if self.text_embeds is None else self.text_embeds.expand(batch, -1, -1),
-            None if self.text_mask is None else self.text_mask.expand(batch, -1),
-        )
-
-    def row(self, i: int) -> "TextConditioning":
-        """Prompt ``i`` alone (batch 1), cut to its valid tokens (the mask must be ones, then zeros)."""
-        pick = (lambda t: t[i:i + 1]) if self.llm_embedding.shape[0] > 1 else (lambda t: t[:1])
-        mask = pick(self.mask)
-        n = int(mask.sum())
-        if not bool((mask[0, :n] != 0).all()):
-            raise ValueError("a v1.2 text mask must be ones on the valid tokens, then zeros (padding)")
-        ids = self._ids()
-        return TextConditioning(
-            pick(self.llm_embedding)[:, :n], mask[:, :n],
-            None if ids is None else (ids if ids.shape[0] == 1 else ids[i:i + 1])[:, :n],
-            None if self.text_embeds is None else pick(self.text_embeds)[:, :n],
-            None if self.text_mask is None else pick(self.text_mask)[:, :n],
-        )
-
-    def _ids(self) -> Tensor | None:
-        if self.txt_ids is None or self.txt_ids.ndim == 3:
-            return self.txt_ids
-        return self.txt_ids.unsqueeze(0)
-
-
-Conditioning = TextConditioning | list[TextConditioning] | tuple[TextConditioning, ...]
 
 
 @dataclass
@@ -294,7 +236,7 @@ def denoise(
     if channels != LATENT_CHANNELS:
         raise ValueError(f"latent must have {LATENT_CHANNELS} channels, got {channels}")
     if reference is not None:
-        reference = _batch(reference, batch, "reference latent").to(device)
+        reference = batch_rows(reference, batch, "reference latent").to(device)
         if reference.shape[-2:] != noise.shape[-2:]:
             raise ValueError(
                 f"reference latent is {tuple(reference.shape[-2:])} but the noise is {(h, w)}; they must match"
@@ -312,7 +254,7 @@ def denoise(
         start = init_latent if init_latent is not None else reference
         if start is None:
             raise ValueError("denoise strength below 1 needs an init latent or a reference image to start from")
-        start = _batch(start, batch, "init latent").to(device)
+        start = batch_rows(start, batch, "init latent").to(device)
         if len(timesteps) == 1:  # strength 0: no step to take; the start point is the result, untouched
             return start.float().clone()
         t0 = timesteps[0]
@@ -321,7 +263,7 @@ def denoise(
     if keep_mask is not None:
         if reference is None:
             raise ValueError("a mask needs a reference image: outside the mask the result keeps the reference")
-        mask = _batch(keep_mask, batch, "mask").to(device=device, dtype=torch.float32)
+        mask = batch_rows(keep_mask, batch, "mask").to(device=device, dtype=torch.float32)
         noise_f = noise.to(device=device, dtype=torch.float32)
         ref_f = reference.float()
 
@@ -329,8 +271,8 @@ def denoise(
     if reference is not None:
         img_ids = torch.cat([img_ids, reference_ids(batch, h // 2, w // 2, version, rules)], dim=1)
     total = len(timesteps) - 1
-    calls = _plan_calls(model, rules, cond, uncond, batch, img_ids, device, compute_dtype, sequential_cfg,
-                        teacache, total)
+    calls = plan_calls(model, rules, cond, uncond, batch, img_ids, device, compute_dtype, sequential=sequential_cfg,
+                       teacache=teacache, total=total)  # the RoPE tables and text of the run, built once
     use_cfg = uncond is not None
 
     with autocast_for(device, compute_dtype) if rules.autocast else contextlib.nullcontext():
@@ -341,7 +283,7 @@ def denoise(
             img = torch.cat([img, ref_tokens], dim=1)
         for i in range(total):
             t_curr, t_prev = timesteps[i], timesteps[i + 1]
-            sides = _predict(model, connector, rules, img, t_curr, calls, use_cfg)
+            sides = predict(model, connector, rules, img, t_curr, calls, 2 if use_cfg else 1)
             pred = [side[:, :n_tokens] for side in sides]
             if use_cfg:
                 renorm = rules.renorm_active(t_curr, renorm_threshold)
@@ -359,109 +301,9 @@ def denoise(
     return unpack(img[:, :n_tokens].float(), h, w)
 
 
-@dataclass
-class _Call:
-    """One DiT evaluation per step: the image rows it takes, the CFG sides stacked in its batch (cond is 0,
-    uncond 1), and its text (one row per row of its batch)."""
-
-    rows: slice
-    sides: tuple[int, ...]
-    llm: Tensor
-    mask: Tensor
-    txt_ids: Tensor
-    img_ids: Tensor
-    pe: Tensor
-    text_embeds: Tensor | None = None
-    text_mask: Tensor | None = None
-    cache: TeaCache | None = None
-
-
-def _plan_calls(model, rules: SamplerRules, cond, uncond, batch: int, img_ids: Tensor, device, dtype,
-                sequential: bool, teacache: float, total: int) -> list[_Call]:
-    """The DiT calls of one step. Official: one [cond; uncond] batch (text zero-positioned and padded alike),
-    or one call per side; v1.2: one call per image row and side, each with its own text length."""
-    sides = [cond] + ([uncond] if uncond is not None else [])
-    if rules.separate_cfg:
-        return [_call(model, slice(r, r + 1), (s,), [_row(sides[s], r, batch)], img_ids[r:r + 1], device, dtype,
-                      teacache, total) for r in range(batch) for s in range(len(sides))]
-    for side in sides:
-        if isinstance(side, (list, tuple)) or side.is_v12:
-            if model.params.version == "v1.2":
-                raise ValueError(
-                    f"the {rules.name} sampler rules run cond and uncond as one padded batch without text positions; "
-                    "a v1.2 conditioning needs rules with separate calls (step1x.sampling.rules.V12)"
-                )
-            raise ValueError(
-                "this conditioning carries v1.2 text positions/embeddings (or one entry per row), but the DiT is "
-                f"Step1X-Edit {model.params.version}; encode the instruction with the encoder of that version"
-            )
-    expanded = [side.expand(batch) for side in sides]
-    if sequential and len(sides) > 1:
-        return [_call(model, slice(0, batch), (s,), [expanded[s]], img_ids, device, dtype, teacache, total)
-                for s in range(len(sides))]
-    return [_call(model, slice(0, batch), tuple(range(len(sides))), expanded, img_ids.repeat(len(sides), 1, 1),
-                  device, dtype, teacache, total)]
-
-
-def _row(side: Conditioning, r: int, batch: int) -> TextConditioning:
-    if isinstance(side, (list, tuple)):
-        if len(side) not in (1, batch):
-            raise ValueError(f"{len(side)} conditionings given for {batch} images; give 1 or {batch}")
-        side = side[r if len(side) > 1 else 0]
-    if side.llm_embedding.shape[0] not in (1, batch):
-        raise ValueError(
-            f"conditioning holds {side.llm_embedding.shape[0]} prompts but the batch has {batch} images; give 1 or "
-            f"{batch}")
-    return side.row(r)
-
-
-def _call(model, rows: slice, sides: tuple[int, ...], texts: list[TextConditioning], img_ids: Tensor, device, dtype,
-          teacache: float, total: int) -> _Call:
-    llm = torch.cat([t.llm_embedding for t in texts]).to(device=device, dtype=dtype)
-    ids = [t._ids() for t in texts]
-    if any(i is None for i in ids):
-        txt_ids = torch.zeros(llm.shape[0], llm.shape[1], 3)
-    else:
-        txt_ids = torch.cat([i.to(torch.float32) for i in ids])
-    embeds = [t.text_embeds for t in texts]
-    text_embeds = None if embeds[0] is None else torch.cat(embeds).to(device=device, dtype=dtype)
-    text_mask = None if texts[0].text_mask is None else torch.cat([t.text_mask for t in texts]).to(device)
-    img_ids = img_ids.cpu()
-    pe = model.rope(torch.cat([txt_ids.expand(img_ids.shape[0], -1, -1), img_ids], dim=1).to(device))
-    return _Call(rows, sides, llm, torch.cat([t.mask for t in texts]).to(device), txt_ids.to(device),
-                 img_ids.to(device), pe, text_embeds, text_mask, TeaCache(teacache, total) if teacache else None)
-
-
-def _predict(model, connector, rules: SamplerRules, img: Tensor, t_curr: float, calls: list[_Call],
-             use_cfg: bool) -> list[Tensor]:
-    """The model's output for every image row, per CFG side: [cond] or [cond, uncond], each (B, tokens, C)."""
-    per_side: list[list[tuple[int, Tensor]]] = [[] for _ in range(2 if use_cfg else 1)]
-    for call in calls:
-        x = img[call.rows]
-        if len(call.sides) > 1:
-            x = torch.cat([x] * len(call.sides), dim=0)
-        t_vec = rules.dit_time(t_curr, x.shape[0], img.dtype, img.device)
-        txt, y = connector(call.llm, t_vec, call.mask)
-        txt = model.map_text_tokens(txt, call.text_embeds, call.text_mask)
-        out = model.transformer(x, call.img_ids, call.txt_ids, t_vec, txt, y, call.pe, cache=call.cache)
-        for side, part in zip(call.sides, out.chunk(len(call.sides), dim=0), strict=True):
-            per_side[side].append((call.rows.start, part))
-    return [torch.cat([part for _, part in sorted(parts, key=lambda p: p[0])], dim=0) for parts in per_side]
-
-
 def _keep_outside_mask(latent_tokens, mask, noise, reference, t: float, h: int, w: int):
     """Outside the mask, replace the latent by the reference noised to time ``t``."""
     latent = unpack(latent_tokens.float(), h, w)
     target = t * noise + (1.0 - t) * reference
     blended = mask * latent + (1.0 - mask) * target
     return pack(blended).to(latent_tokens.dtype)
-
-
-def _batch(t: Tensor, batch: int, what: str) -> Tensor:
-    if t.ndim != 4:
-        raise ValueError(f"{what} must be (batch, channels, height, width), got shape {tuple(t.shape)}")
-    if t.shape[0] == batch:
-        return t
-    if t.shape[0] == 1:
-        return t.expand(batch, -1, -1, -1)
-    raise ValueError(f"{what} has batch {t.shape[0]} but {batch} images are sampled; give 1 or {batch}")

@@ -27,16 +27,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .calls import Conditioning, DiTCall, TextConditioning, batch_rows, conditioning_row, plan_calls
 from .denoise import (
     LATENT_CHANNELS,
-    Conditioning,
     Connector,
     StepInfo,
-    TextConditioning,
-    _batch,
-    _Call,
-    _plan_calls,
-    _row,
     autocast_for,
     guidance,
     pack,
@@ -140,7 +135,7 @@ class _Pass:
     """One DiT evaluation per computed step (a planned call of the plain sampler: one CFG side, or both sides as
     one batch) with its own K/V cache."""
 
-    call: _Call
+    call: DiTCall
     cache: KVCache = field(default_factory=KVCache)
 
     @property
@@ -149,7 +144,7 @@ class _Pass:
 
     @property
     def txt_len(self) -> int:
-        return self.call.llm.shape[1]
+        return self.call.txt_len
 
 
 class _Row:
@@ -165,7 +160,7 @@ class _Row:
         rows, cols = grid
         ids = torch.cat([position_ids(1, rows, cols), reference_ids(1, rows, cols, model.params.version, rules)], 1)
         self.passes = [_Pass(call) for call in
-                       _plan_calls(model, rules, cond, uncond, 1, ids, device, dtype, sequential, 0.0, 0)]
+                       plan_calls(model, rules, cond, uncond, 1, ids, device, dtype, sequential=sequential)]
 
     def forward(self, tokens: Tensor, t: float, *, fill: bool = False, edited: Tensor | None = None
                 ) -> tuple[Tensor, int, list[dict]]:
@@ -191,8 +186,7 @@ class _Row:
                 blocks = RegionPass(p.cache, edited)
             img = img.expand(p.rows, -1, -1)
             t_vec = self.rules.dit_time(t, p.rows, img.dtype, img.device)
-            txt, y = self.connector(call.llm, t_vec, call.mask)
-            txt = self.model.map_text_tokens(txt, call.text_embeds, call.text_mask)
+            txt, y = call.text(self.model, self.connector, t_vec)
             out = self.model.transformer(img, ids, call.txt_ids, t_vec, txt, y, pe, blocks=blocks)
             for side, part in zip(call.sides, out.chunk(p.rows, dim=0), strict=True):
                 outs[side] = part[:, :n_img]
@@ -259,7 +253,7 @@ def regione_denoise(
     batch, channels, h, w = noise.shape
     if channels != LATENT_CHANNELS:
         raise ValueError(f"latent must have {LATENT_CHANNELS} channels, got {channels}")
-    reference = _batch(reference, batch, "reference latent").to(device)
+    reference = batch_rows(reference, batch, "reference latent").to(device)
     if reference.shape[-2:] != noise.shape[-2:]:
         raise ValueError(
             f"reference latent is {tuple(reference.shape[-2:])} but the noise is {(h, w)}; they must match")
@@ -273,11 +267,11 @@ def regione_denoise(
 
     x = noise.to(device=device, dtype=compute_dtype)
     if strength < 1.0 or init_latent is not None:
-        start = _batch(init_latent if init_latent is not None else reference, batch, "init latent").to(device)
+        start = batch_rows(init_latent if init_latent is not None else reference, batch, "init latent").to(device)
         if len(timesteps) == 1:  # strength 0: no step to take, as in the plain sampler
             return start.float().clone()
         x = timesteps[0] * x + (1.0 - timesteps[0]) * start.to(x.dtype)
-    keep = None if keep_mask is None else _batch(keep_mask, batch, "mask").to(device=device, dtype=torch.float32)
+    keep = None if keep_mask is None else batch_rows(keep_mask, batch, "mask").to(device=device, dtype=torch.float32)
 
     sigmas = torch.tensor(timesteps, dtype=torch.float32)
     n = len(timesteps) - 1
@@ -311,7 +305,7 @@ def _row_conditioning(rules: SamplerRules, side: Conditioning | None, b: int, ba
     if side is None:
         return None
     if rules.separate_cfg:
-        return _row(side, b, batch)
+        return conditioning_row(side, b, batch)
     if isinstance(side, (list, tuple)):
         return side
     side = side.expand(batch)
