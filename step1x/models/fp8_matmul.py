@@ -9,8 +9,9 @@ float8_e4m3fn, one scale per token (row), and multiply it with the stored fp8 we
 ``scale_x`` is the row's absolute maximum over 448 (the largest e4m3 value); ``scale_w`` is the weight's own scale,
 one per output row. Official fp8 checkpoints and the pack's own fp8 cast (``weight_dtype`` fp8_e4m3fn) store plain
 e4m3 values (a scaled-fp8 file is dequantised at load), so the layers run with scale 1; :func:`fp8_linear` takes
-per-row weight scales (:func:`quantize_weight_rows`) for weights quantised with them. The bias is added after the product, in the compute dtype. No bf16 copy of the weight is made: the
-weight goes to ``_scaled_mm`` as stored (transposed as a view, which is the column-major layout it wants).
+per-row weight scales (:func:`quantize_weight_rows`) for weights quantised with them. The bias is added after
+the product, in the compute dtype. No bf16 copy of the weight is made: the weight goes to ``_scaled_mm`` as
+stored (transposed as a view, which is the column-major layout it wants).
 
 The kernels want both matrix dimensions (in and out features) to be multiples of 16; layers that are not keep
 the upcast path (none of the released model's are). A layer whose weight is not float8_e4m3fn when it is called
