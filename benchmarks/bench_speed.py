@@ -1,8 +1,12 @@
 """The opt-in speed settings side by side, same model shape, same inputs, same run: one DiT forward (connector and
 transformer, the CFG batch of 2) for bf16, bf16 with compiled blocks, fp8 block weights upcast per call (the
-default for fp8), fp8 matmuls, and fp8 matmuls with compiled blocks.
+default for fp8), fp8 matmuls, and fp8 matmuls with compiled blocks; with ``--official DIR`` (a checkout of
+stepfun-ai/Step1X-Edit, not part of this repository, and ``pip install einops``) also the official forward on the
+same weights, run eagerly with PyTorch attention (``official_dit.py``); the models are then the v1.0 layout, which
+the official code builds.
 
     python benchmarks/bench_speed.py --threads 2                   # the CPU bench config of bench_dit.py
+    python benchmarks/bench_speed.py --threads 2 --official ../Step1X-Edit
     python benchmarks/bench_speed.py --device cuda --real --size 1024   # the released architecture
 
 The variants are timed round-robin (``--rounds`` rounds, each variant ``--repeats`` forwards per round) and the
@@ -86,6 +90,7 @@ def main() -> None:
     ap.add_argument("--text-tokens", type=int, default=640)
     ap.add_argument("--size", type=int, default=512, help="image side in pixels (reference and output)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
+    ap.add_argument("--official", type=Path, help="a checkout of stepfun-ai/Step1X-Edit: also time its forward")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
@@ -93,8 +98,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), torch.bfloat16
-    params = (with_version(STEP1X_EDIT, "v1.1") if args.real else
-              small_params(args.hidden, args.heads, args.double, args.single, args.text_hidden, "v1.1"))
+    version = "v1.0" if args.official else "v1.1"
+    params = (with_version(STEP1X_EDIT, version) if args.real else
+              small_params(args.hidden, args.heads, args.double, args.single, args.text_hidden, version))
     state = random_state(params)
     x = inputs(params, args.size, args.text_tokens, dtype, device)
     models = {}
@@ -106,6 +112,10 @@ def main() -> None:
         if compiled:
             compile_blocks(model)
         models[name] = model
+    if args.official:
+        from official_dit import load_official
+
+        models["official"] = load_official(args.official, params, state, dtype, device)
     del state
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -131,7 +141,7 @@ def main() -> None:
     tokens = (args.size // 16) ** 2
     print(f"# device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, {shape}, "
           f"{args.size}px edit ({tokens} noisy + {tokens} reference + {args.text_tokens} text tokens, CFG batch 2), "
-          f"bf16 compute; median of {args.rounds * args.repeats} forwards")
+          f"Step1X-Edit {version} layout, bf16 compute; median of {args.rounds * args.repeats} forwards")
     print("| variant | forward s | vs bf16 | rel. difference to bf16 |")
     print("|---|---|---|---|")
     for name, t in median.items():
@@ -139,7 +149,7 @@ def main() -> None:
         diff = ((outputs[name] - base).norm() / base.norm()).item()
         print(f"| {name} | {t:.3f} | {ratio} | {diff:.4f} |")
     pairs = [("bf16 + compile", "bf16"), ("fp8 matmul + compile", "fp8 matmul"), ("fp8 matmul", "fp8 upcast"),
-             ("fp8 upcast", "bf16"), ("fp8 matmul", "bf16")]
+             ("fp8 upcast", "bf16"), ("fp8 matmul", "bf16"), ("bf16", "official"), ("bf16 + compile", "official")]
     for a, b in pairs:
         if a in median and b in median:
             print(f"{a} / {b}: {median[a] / median[b]:.3f}")
