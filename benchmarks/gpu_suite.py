@@ -130,6 +130,7 @@ def run_version(version: str, args, spec, rows: Rows, device, dtype) -> None:
                         disable_fp8_matmul(model)
                         if mode == "compile":
                             uncompile_blocks(model)
+                            torch._dynamo.reset()
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()

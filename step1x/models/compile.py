@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ def is_compiled(model: nn.Module) -> bool:
 
 
 def uncompile_blocks(model: nn.Module) -> None:
-    """Back to eager blocks (the compiled code is dropped)."""
+    """Back to eager blocks. The compiled code stays in torch's cache until ``torch._dynamo.reset()``, which also
+    drops every other compiled function of the process."""
     for block in blocks(model):
         block._compiled_call_impl = None
-    torch._dynamo.reset()
