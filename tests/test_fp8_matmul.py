@@ -79,6 +79,25 @@ def test_the_product_equals_that_of_its_quantised_operands_then_the_bias():
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
 
 
+def test_tensor_wise_the_input_takes_one_scale_and_the_weight_rows_theirs_after():
+    layer = _fp8_linear_layer()
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(1))
+    weight_scale = torch.linspace(0.5, 2.0, 48)
+    q, scale = quantize_rows(x.reshape(1, -1))
+    assert scale.shape == (1, 1)
+    expected = (q.reshape(14, 64).float() * scale) @ layer.weight.float().t() * weight_scale + layer.bias
+    out = fp8_linear(x, layer.weight, layer.bias, weight_scale, torch.float32, rowwise=False)
+    torch.testing.assert_close(out, expected.reshape(2, 7, 48), atol=1e-5, rtol=1e-5)
+
+
+def test_row_wise_scales_on_the_cpu_and_hopper_one_input_scale_on_ada(monkeypatch):
+    assert fp8_matmul.rowwise_on(torch.device("cpu"))
+    monkeypatch.setattr(fp8_matmul, "_capability", lambda index: (8, 9))
+    assert not fp8_matmul.rowwise_on(torch.device("cuda", 0))
+    monkeypatch.setattr(fp8_matmul, "_capability", lambda index: (9, 0))
+    assert fp8_matmul.rowwise_on(torch.device("cuda", 0))
+
+
 def test_per_row_weight_scales_keep_small_rows_precise():
     g = torch.Generator().manual_seed(2)
     weight = torch.randn(32, 64, generator=g) * torch.logspace(-4, 0, 32)[:, None]

@@ -16,7 +16,9 @@ stored (transposed as a view, which is the column-major layout it wants).
 The kernels want both matrix dimensions (in and out features) to be multiples of 16; layers that are not keep
 the upcast path (none of the released model's are). A layer whose weight is not float8_e4m3fn when it is called
 (e.g. a LoRA merged it back to bf16) also takes the upcast path. On CUDA the kernels need compute capability 8.9
-(Ada, Hopper) or newer; on an older GPU the first call fails and names the setting to turn off. The CPU build
+(Ada, Hopper) or newer; on an older GPU the first call fails and names the setting to turn off. Row-wise scaled
+kernels (one scale per token) are used on Hopper and newer and on the CPU; on Ada the input takes one scale for
+the whole tensor (tensor-wise kernels, which every fp8 GPU has). The CPU build
 runs ``_scaled_mm`` too (slowly: it has no fp8 units), which is what makes the numerics testable without a GPU.
 """
 
@@ -35,6 +37,7 @@ E4M3_MAX = 448.0
 ALIGNMENT = 16
 SETTING = "fp8_matmul"
 MIN_CAPABILITY = (8, 9)
+ROWWISE_CAPABILITY = (9, 0)
 BLOCK_LINEAR = re.compile(r"^(double_blocks\.\d+\.(img|txt)_(attn\.qkv|attn\.proj|mlp\.0|mlp\.2|mod\.lin)"
                           r"|single_blocks\.\d+\.(linear1|linear2|modulation\.lin))$")
 """The block Linear layers (those a checkpoint may store in fp8), by module name."""
@@ -60,20 +63,30 @@ def quantize_weight_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale.squeeze(1)
 
 
-def fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None, weight_scale: Tensor | None, dtype: torch.dtype
-               ) -> Tensor:
+def fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None, weight_scale: Tensor | None, dtype: torch.dtype,
+               rowwise: bool = True) -> Tensor:
     """``x @ (weight * weight_scale[:, None]).T + bias`` by ``torch._scaled_mm``, returned in ``dtype``.
 
-    ``weight``: float8_e4m3fn (out, in) on ``x``'s device; ``weight_scale``: None (scale 1) or float32 (out,)."""
+    ``weight``: float8_e4m3fn (out, in) on ``x``'s device; ``weight_scale``: None (scale 1) or float32 (out,).
+    ``rowwise``: one activation scale per token (row-wise scaled kernels); False: one scale for the whole input
+    (tensor-wise kernels, which every fp8 GPU has; the weight's row scales are then applied to the product)."""
     out_features = weight.shape[0]
     rows = x.reshape(-1, x.shape[-1])
-    q, scale_x = quantize_rows(rows)
-    if weight_scale is None:
-        scale_w = torch.ones(1, out_features, dtype=torch.float32, device=x.device)
+    if rowwise:
+        q, scale_x = quantize_rows(rows)
+        if weight_scale is None:
+            scale_w = torch.ones(1, out_features, dtype=torch.float32, device=x.device)
+        else:
+            scale_w = weight_scale.to(device=x.device, dtype=torch.float32).reshape(1, out_features)
+        # Row-wise scaled products on CUDA return bfloat16 only; the result is cast to the compute dtype after.
+        y = torch._scaled_mm(q, weight.t(), scale_a=scale_x, scale_b=scale_w, out_dtype=torch.bfloat16).to(dtype)
     else:
-        scale_w = weight_scale.to(device=x.device, dtype=torch.float32).reshape(1, out_features)
-    # Row-wise scaled products on CUDA return bfloat16 only; the result is cast to the compute dtype after.
-    y = torch._scaled_mm(q, weight.t(), scale_a=scale_x, scale_b=scale_w, out_dtype=torch.bfloat16).to(dtype)
+        q, scale_x = quantize_rows(rows.reshape(1, -1))
+        one = torch.ones((), dtype=torch.float32, device=x.device)
+        y = torch._scaled_mm(q.reshape(rows.shape), weight.t(), scale_a=scale_x.reshape(()), scale_b=one,
+                             out_dtype=dtype)
+        if weight_scale is not None:
+            y = y * weight_scale.to(device=x.device, dtype=dtype)
     if bias is not None:
         y = y + bias.to(device=x.device, dtype=dtype)
     return y.reshape(*x.shape[:-1], out_features)
@@ -82,6 +95,22 @@ def fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None, weight_scale: Ten
 @functools.lru_cache(maxsize=None)
 def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
+
+
+def _constant_under_compile(fn):
+    mark = getattr(getattr(torch, "compiler", None), "assume_constant_result", None)
+    return mark(fn) if mark is not None else fn
+
+
+@_constant_under_compile
+def _cuda_rowwise(index: int | None) -> bool:
+    return _capability(index) >= ROWWISE_CAPABILITY
+
+
+def rowwise_on(device: torch.device) -> bool:
+    """Whether ``device`` runs row-wise scaled fp8 products: the CPU and Hopper or newer; Ada (8.9) takes one
+    activation scale per input (tensor-wise)."""
+    return device.type != "cuda" or _cuda_rowwise(device.index)
 
 
 def check_device(device: torch.device) -> None:
@@ -107,7 +136,7 @@ class Fp8MatmulMixin:
         dtype = compute_dtype(x)
         if dtype not in (torch.bfloat16, torch.float16, torch.float32):
             dtype = torch.bfloat16
-        return fp8_linear(x, weight.to(x.device, non_blocking=True), self.bias, None, dtype)
+        return fp8_linear(x, weight.to(x.device, non_blocking=True), self.bias, None, dtype, rowwise_on(x.device))
 
 
 def _has_cast_patches(linear: nn.Module) -> bool:
