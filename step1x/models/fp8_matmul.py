@@ -131,12 +131,17 @@ class Fp8MatmulMixin:
         weight = self.weight
         if weight is None or weight.dtype != E4M3 or _has_cast_patches(self):
             return super().forward(x)
-        if not torch.compiler.is_compiling():
+        if not _compiling():
             check_device(x.device)
         dtype = compute_dtype(x)
         if dtype not in (torch.bfloat16, torch.float16, torch.float32):
             dtype = torch.bfloat16
         return fp8_linear(x, weight.to(x.device, non_blocking=True), self.bias, None, dtype, rowwise_on(x.device))
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling and is_compiling())
 
 
 def _has_cast_patches(linear: nn.Module) -> bool:
