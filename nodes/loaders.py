@@ -14,6 +14,7 @@ from ..step1x.checkpoints.safetensors_file import CheckpointError
 from ..step1x.encoder.loader import TOKENIZER_DIRS, text_encoder_path
 from ..step1x.encoder.tokens import has_tokenizer_files
 from ..step1x.models.attention import backend_names
+from ..step1x.models.speed import apply_speed_options
 from . import _comfy as bridge
 from .model_lists import dit_choices, find, mllm_choices, vae_choices
 from .sockets import CATEGORY, DIT, LAYOUT_V11, LAYOUT_V12, MLLM, DiT, Mllm
@@ -54,14 +55,24 @@ class DiTLoader:
             "attention": (backend_names(), {"default": "auto", "tooltip": (
                 "Attention kernel. auto picks flash-attn or xformers when installed and suitable, else PyTorch "
                 "SDPA. Choosing a package that is not installed fails with an install hint.")}),
+        }, "optional": {
+            "fp8_matmul": ("BOOLEAN", {"default": False, "tooltip": (
+                "Multiply the block weights in fp8 (torch._scaled_mm, a scale per token) instead of upcasting "
+                "them on every call. Needs float8_e4m3fn block weights (an fp8 file, or weight_dtype fp8_e4m3fn) "
+                "and a GPU with fp8 units (Ada, Hopper: compute capability 8.9+). Faster there, slightly "
+                "different results; refused for bf16 or GGUF weights.")}),
+            "compile": ("BOOLEAN", {"default": False, "tooltip": (
+                "Run each transformer block through torch.compile. The first step of each new image size waits "
+                "for the compiler (tens of seconds); later steps are faster. Same results within rounding.")}),
         }}
 
-    def load(self, unet_name, weight_dtype, attention):
+    def load(self, unet_name, weight_dtype, attention, fp8_matmul=False, compile=False):
         path = find(("diffusion_models",), unet_name)
         load_device, offload_device = bridge.dit_devices()
         dtype = bridge.compute_dtype(load_device)
         model = load_dit(path, device=offload_device, compute_dtype=dtype, weight_dtype=weight_dtype,
                          attention=attention, operations=bridge.operations())
+        apply_speed_options(model, fp8_matmul=fp8_matmul, compile=compile)
         return (DiT(bridge.manage(model, load_device, offload_device), dtype, unet_name),)
 
 

@@ -114,6 +114,11 @@ def _edit_parser(sub) -> None:
     h.add_argument("--attention", choices=backend_names(), default="auto",
                    help="attention backend; an uninstalled one fails with an install hint")
     h.add_argument("--offload", action="store_true", help="keep each model on the CPU until its stage runs")
+    h.add_argument("--fp8-matmul", action="store_true",
+                   help="multiply the DiT's fp8 block weights in fp8 (needs fp8_e4m3fn block weights: an fp8 file or "
+                        "--weight-dtype fp8_e4m3fn, and a GPU with fp8 units: Ada, Hopper)")
+    h.add_argument("--compile", action="store_true",
+                   help="torch.compile each DiT block: the first step of each image size waits for the compiler")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 

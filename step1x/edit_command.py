@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .batch import BatchReport, JobResult, run_batch
+from .checkpoints.gguf_file import is_gguf
 from .checkpoints.loading import inspect_dit, vae_params
 from .checkpoints.lora import check_lora
 from .checkpoints.model_files import ModelPaths
@@ -150,6 +151,23 @@ def check_loras(values: list[str], dit: Path) -> list[tuple[Path, float]]:
     return loras
 
 
+def check_fp8_matmul(args: Namespace, dit) -> None:
+    """``--fp8-matmul`` needs float8_e4m3fn block weights: refused before any model loads when the DiT file and
+    ``--weight-dtype`` cannot give them."""
+    if not args.fp8_matmul or args.weight_dtype == "fp8_e4m3fn":
+        return
+    stored = inspect_dit(dit).stored_dtype
+    if args.weight_dtype == "default" and is_gguf(dit):
+        raise UsageError(f"--fp8-matmul multiplies float8_e4m3fn block weights; {Path(dit).name} keeps its blocks "
+                         "GGUF-quantised. Add --weight-dtype fp8_e4m3fn, use an fp8 file, or drop --fp8-matmul.")
+    if args.weight_dtype == "default" and stored == getattr(torch, "float8_e4m3fn", None):
+        return
+    kept = str(stored).replace("torch.", "") if args.weight_dtype == "default" else args.weight_dtype
+    raise UsageError(f"--fp8-matmul multiplies float8_e4m3fn block weights; with --weight-dtype {args.weight_dtype} "
+                     f"the blocks of {Path(dit).name} are kept in {kept}. Add --weight-dtype fp8_e4m3fn, or drop "
+                     "--fp8-matmul.")
+
+
 def pipeline_settings(args: Namespace) -> dict:
     """The keyword arguments of :meth:`Step1XPipeline.from_files` other than the files, checked (devices,
     attention backend) before any model loads."""
@@ -157,7 +175,8 @@ def pipeline_settings(args: Namespace) -> dict:
         device=parse_device(args.device), mllm_device=parse_device(args.mllm_device) if args.mllm_device else None,
         compute_dtype=DTYPES[args.dtype], mllm_dtype=DTYPES[args.mllm_dtype] if args.mllm_dtype else None,
         weight_dtype=args.weight_dtype, attention=select_backend(args.attention), offload=args.offload,
-        generation=bool(args.think or args.reflect), mllm_fp8=args.mllm_fp8,
+        generation=bool(args.think or args.reflect), mllm_fp8=args.mllm_fp8, fp8_matmul=args.fp8_matmul,
+        compile=args.compile,
     )
 
 
@@ -229,6 +248,7 @@ def run_edit(args: Namespace) -> int:
             check_instruction(options.negative_prompt, "negative prompt", version)
         reasoning = reasoning_from(args, version)
         loras = check_loras(args.lora, paths.dit)
+        check_fp8_matmul(args, paths.dit)
         paths = check_model_files(paths, generation=reasoning is not None and reasoning.uses_model)
         prepare_output_dir(args.output_dir, jobs, input_dir, overwrite=args.overwrite)
     except (UsageError, JobError, ValueError, OSError, AttentionBackendError) as exc:

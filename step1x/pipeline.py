@@ -32,6 +32,7 @@ from .image_io import ImageValueError, pil_to_tensor, tensor_to_pil, to_rgb
 from .models.autoencoder import AutoEncoder
 from .models.configs import T2I_NEGATIVE_PROMPT
 from .models.model import Step1XEdit
+from .models.speed import apply_speed_options
 from .pipeline_v12 import V12_SIZE_LEVEL, ModuleStages, ReasoningOptions, V12Settings, check_generation
 from .reasoning import GenerateFn, ReasonEditResult
 from .sampling import v12
@@ -236,8 +237,11 @@ class Step1XPipeline:
                    compute_dtype: torch.dtype = torch.bfloat16, mllm_dtype: torch.dtype | None = None,
                    weight_dtype: str = "default", attention: str = "auto", offload: bool = False,
                    loras: Sequence[tuple[str | Path, float]] = (), generation: bool = False,
-                   mllm_fp8: bool = False) -> "Step1XPipeline":
+                   mllm_fp8: bool = False, fp8_matmul: bool = False, compile: bool = False) -> "Step1XPipeline":
         """``loras``: (file, strength) pairs applied to the DiT in order (see :meth:`add_lora`).
+        ``fp8_matmul``: the DiT's float8_e4m3fn block weights multiply in fp8 (:mod:`step1x.models.fp8_matmul`;
+        needs fp8 block weights: an fp8 file or ``weight_dtype`` fp8_e4m3fn). ``compile``: each DiT block runs
+        through ``torch.compile`` (:mod:`step1x.models.compile`).
         ``generation``: keep the text encoder's language-model head, for :meth:`reason_edit` (v1.2).
         ``mllm_fp8``: keep the text encoder's block Linear weights in float8 (an fp8_scaled file as stored, a
         full-precision one quantised per tensor): about half the memory of bf16.
@@ -249,6 +253,7 @@ class Step1XPipeline:
         device = torch.device(device or default_device())
         home = torch.device("cpu") if offload else device
         model = load_dit(dit, device=home, compute_dtype=compute_dtype, weight_dtype=weight_dtype, attention=attention)
+        apply_speed_options(model, fp8_matmul=fp8_matmul, compile=compile)
         patches = [(load_lora(path, model), strength) for path, strength in loras]
         ae = load_vae(vae, device=home, dtype=torch.float32)
         text = load_text_encoder(mllm, tokenizer_dir=tokenizer_dir, device=torch.device(mllm_device or home),

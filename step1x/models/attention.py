@@ -43,7 +43,7 @@ class Backend:
 
     def is_installed(self) -> bool:
         """The package is there and imports (a build for another torch or CUDA does not)."""
-        return self.package is None or _import_error(self.package) is None
+        return self.package is None or _imports(self.package)
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         if self.devices is not None and device.type not in self.devices:
@@ -70,14 +70,31 @@ def _import_error(package: str) -> str | None:
     return None
 
 
+def _constant_under_compile(fn):
+    """Let ``torch.compile`` call ``fn`` once while tracing and keep its result as a constant (no graph break for
+    the package and GPU look-ups behind the backend choice)."""
+    mark = getattr(getattr(torch, "compiler", None), "assume_constant_result", None)
+    return mark(fn) if mark is not None else fn
+
+
+@_constant_under_compile
+def _imports(package: str) -> bool:
+    return _import_error(package) is None
+
+
 @functools.lru_cache(maxsize=None)
 def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@_constant_under_compile
+def _capability_of(index: int | None) -> tuple[int, int]:
+    return _capability(index)
+
+
 def _cuda_capability(device: torch.device) -> tuple[int, int]:
     """Compute capability of a CUDA device, looked up once (a tensor's device always has its index)."""
-    return _capability(device.index)
+    return _capability_of(device.index)
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -144,12 +161,18 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
         raise AttentionBackendError(f"unknown attention backend {name!r}; choose one of {backend_names()}")
     if not backend.supports(device, dtype):
         key = (name, device.type, str(dtype))
-        if key not in _warned:
+        if key not in _warned and not _compiling():
             _warned.add(key)
             log.warning("attention backend %r does not run on %s tensors of %s%s; using 'sdpa' for them", name,
                         device.type, dtype, _capability_note(backend, device, dtype))
         return _BACKENDS["sdpa"]
     return backend
+
+
+def _compiling() -> bool:
+    """Inside ``torch.compile`` tracing (the one-time warning is left to eager calls there)."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling and is_compiling())
 
 
 def _capability_note(backend: Backend, device: torch.device, dtype: torch.dtype) -> str:
