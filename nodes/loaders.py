@@ -67,13 +67,22 @@ class DiTLoader:
         }}
 
     def load(self, unet_name, weight_dtype, attention, fp8_matmul=False, compile=False):
-        path = find(("diffusion_models",), unet_name)
-        load_device, offload_device = bridge.dit_devices()
-        dtype = bridge.compute_dtype(load_device)
-        model = load_dit(path, device=offload_device, compute_dtype=dtype, weight_dtype=weight_dtype,
-                         attention=attention, operations=bridge.operations())
-        apply_speed_options(model, fp8_matmul=fp8_matmul, compile=compile)
+        model, dtype, load_device, offload_device = load_dit_from_widgets(unet_name, weight_dtype, attention,
+                                                                          fp8_matmul, compile)
         return (DiT(bridge.manage(model, load_device, offload_device), dtype, unet_name),)
+
+
+def load_dit_from_widgets(unet_name, weight_dtype, attention, fp8_matmul=False, compile=False):
+    """The DiT the loader widgets (:meth:`DiTLoader.INPUT_TYPES`) name, on ComfyUI's offload device with the speed
+    settings applied: ``(model, compute dtype, load device, offload device)``. The DiT Loader and the native Model
+    Loader both load through it."""
+    path = find(("diffusion_models",), unet_name)
+    load_device, offload_device = bridge.dit_devices()
+    dtype = bridge.compute_dtype(load_device)
+    model = load_dit(path, device=offload_device, compute_dtype=dtype, weight_dtype=weight_dtype,
+                     attention=attention, operations=bridge.operations())
+    apply_speed_options(model, fp8_matmul=fp8_matmul, compile=compile)
+    return model, dtype, load_device, offload_device
 
 
 class MllmLoader:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from ..step1x import stepwise
-from ..step1x.checkpoints.loading import load_dit
 from ..step1x.graph_io import DOWNSCALE, check_latent, resize_images
 from ..step1x.sampling import v12
 from ..step1x.sampling.calls import TextConditioning
@@ -18,8 +17,7 @@ from ..step1x.sampling.denoise import LATENT_CHANNELS
 from ..step1x.sampling.rules import OFFICIAL
 from . import _comfy as bridge
 from .conditioning import InstructionEncode
-from .loaders import DiTLoader
-from .model_lists import find
+from .loaders import DiTLoader, load_dit_from_widgets
 from .sockets import CATEGORY, LAYOUT_V12
 from .vae import check_vae
 
@@ -54,13 +52,10 @@ class ModelLoader:
     def INPUT_TYPES(cls):
         return DiTLoader.INPUT_TYPES()
 
-    def load(self, unet_name, weight_dtype, attention):
+    def load(self, unet_name, weight_dtype, attention, fp8_matmul=False, compile=False):
         native = _native()
-        path = find(("diffusion_models",), unet_name)
-        load_device, offload_device = bridge.dit_devices()
-        dtype = bridge.compute_dtype(load_device)
-        dit = load_dit(path, device=offload_device, compute_dtype=dtype, weight_dtype=weight_dtype,
-                       attention=attention, operations=bridge.operations())
+        dit, dtype, load_device, offload_device = load_dit_from_widgets(unet_name, weight_dtype, attention,
+                                                                        fp8_matmul, compile)
         return (native.native_model(dit, dtype, load_device, offload_device),)
 
 

@@ -1,7 +1,8 @@
 """Inside the real ComfyUI, the speed settings work on the layers ComfyUI's casting ops build: a block Linear of
 ComfyUI's class with an fp8 weight multiplies in fp8 (the product of its quantised operands up to bf16 rounding,
 under autocast as the sampler runs it), one whose weight has a low-VRAM patch keeps ComfyUI's own cast, and a DiT
-block built from ComfyUI's ops compiles and gives the eager numbers.
+block built from ComfyUI's ops compiles and gives the eager numbers. The native Model Loader takes both widgets
+as ComfyUI's executor passes them and applies them to the DiT inside the MODEL it returns.
 
 Needs ``COMFYUI_PATH`` (a ComfyUI checkout) and optionally ``COMFYUI_PYTHON`` (its interpreter).
 """
@@ -15,7 +16,8 @@ import sys
 
 import pytest
 
-from node_support import ROOT
+from comfy_server import run_script
+from node_support import ROOT, tokenizer_for_tests, write_tiny_models
 
 COMFYUI = os.environ.get("COMFYUI_PATH")
 if not COMFYUI:
@@ -103,3 +105,42 @@ def test_a_layer_with_a_low_vram_patch_keeps_comfyuis_cast(result):
 
 def test_a_block_of_comfyui_layers_compiles_to_the_eager_numbers(result):
     assert result["compiled_diff"] <= 1e-5
+
+
+NATIVE_LOADER = r"""
+import folder_paths
+from node_support import load_pack, run_node
+
+pack = load_pack()
+folder_paths.add_model_folder_path("diffusion_models", config["diffusion_models"])
+lib = lambda name: importlib.import_module("step1x_edit_pack.step1x." + name)
+fp8, compiled = lib("models.fp8_matmul"), lib("models.compile")
+result = {}
+for name, widgets in config["cases"].items():
+    model = run_node(pack, "Step1XEditModelLoader", unet_name=config["dit"], attention="sdpa", **widgets)[0]
+    dit = model.model.diffusion_model
+    result[name] = {"model": type(model.model).__name__, "fp8_matmul": fp8.uses_fp8_matmul(dit),
+                    "compiled": compiled.is_compiled(dit)}
+print(json.dumps(result))
+"""
+
+NATIVE_CASES = {"fp8_matmul": {"weight_dtype": "fp8_e4m3fn", "fp8_matmul": True, "compile": False},
+                "compile": {"weight_dtype": "default", "fp8_matmul": False, "compile": True},
+                "neither": {"weight_dtype": "default"}}
+
+
+@pytest.fixture(scope="module")
+def native_loader(tmp_path_factory):
+    root = tmp_path_factory.mktemp("comfy_speed_native")
+    names = write_tiny_models(root / "models", tokenizer_for_tests(root / "tokenizer"))
+    out = run_script(NATIVE_LOADER, {"diffusion_models": str(root / "models" / "diffusion_models"),
+                                     "dit": names["dit"], "cases": NATIVE_CASES})
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_the_native_model_loader_applies_fp8_matmul_and_compile_to_the_models_dit(native_loader):
+    assert {name: case["model"] for name, case in native_loader.items()} == dict.fromkeys(NATIVE_CASES,
+                                                                                        "Step1XEditModel")
+    assert native_loader["fp8_matmul"]["fp8_matmul"] and not native_loader["fp8_matmul"]["compiled"]
+    assert native_loader["compile"]["compiled"] and not native_loader["compile"]["fp8_matmul"]
+    assert not (native_loader["neither"]["fp8_matmul"] or native_loader["neither"]["compiled"])

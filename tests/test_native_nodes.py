@@ -1,6 +1,10 @@
 """The native-path nodes that are plain tensors (Encode, Sigmas) through the headless bridge, and the MODEL nodes'
 answer outside ComfyUI. Inside a real ComfyUI they are tested by test_native_comfyui.py."""
 
+import importlib
+import inspect
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -80,6 +84,42 @@ def test_the_sigmas_node_names_a_latent_of_another_model(pack):
 def test_the_model_nodes_say_they_need_comfyui(pack, node_id, inputs):
     with pytest.raises(RuntimeError, match="run inside ComfyUI only"):
         run_node(pack, node_id, **inputs)
+
+
+def test_the_model_loader_has_the_dit_loaders_widgets_and_takes_each_of_them(pack):
+    loader = pack.NODE_CLASS_MAPPINGS["Step1XEditModelLoader"]
+    types = loader.INPUT_TYPES()
+    assert types == pack.NODE_CLASS_MAPPINGS["Step1XEditDiTLoader"].INPUT_TYPES()
+    parameters = inspect.signature(getattr(loader, loader.FUNCTION)).parameters
+    assert [*types["required"], *types["optional"]] == [name for name in parameters if name != "self"]
+
+
+@pytest.fixture
+def native_loader(pack, monkeypatch):
+    """The Model Loader with ComfyUI's model wrapper replaced by the bare DiT (the wrapping is tested in a real
+    ComfyUI, by test_native_comfyui.py)."""
+    native = importlib.import_module(f"{pack.__name__}.nodes.native")
+    wrapper = SimpleNamespace(native_model=lambda dit, dtype, load_device, offload_device: dit)
+    monkeypatch.setattr(native, "_native", lambda: wrapper)
+    return lambda **widgets: run_node(pack, "Step1XEditModelLoader", **widgets)[0]
+
+
+def test_the_model_loader_switches_an_fp8_model_to_fp8_matmuls(native_loader, model_names):
+    dit = native_loader(unet_name=model_names["dit"], weight_dtype="fp8_e4m3fn", attention="sdpa", fp8_matmul=True)
+    assert lib("models.fp8_matmul").uses_fp8_matmul(dit) and not lib("models.compile").is_compiled(dit)
+
+
+def test_the_model_loader_compiles_the_blocks_when_asked(native_loader, model_names):
+    dit = native_loader(unet_name=model_names["dit"], weight_dtype="default", attention="sdpa", compile=True)
+    assert lib("models.compile").is_compiled(dit) and not lib("models.fp8_matmul").uses_fp8_matmul(dit)
+
+
+def test_the_model_loader_leaves_both_off_by_default_and_refuses_fp8_matmul_on_full_precision(native_loader,
+                                                                                            model_names):
+    dit = native_loader(unet_name=model_names["dit"], weight_dtype="default", attention="sdpa")
+    assert not lib("models.compile").is_compiled(dit) and not lib("models.fp8_matmul").uses_fp8_matmul(dit)
+    with pytest.raises(lib("models.fp8_matmul").Fp8MatmulError, match="weight_dtype to fp8_e4m3fn"):
+        native_loader(unet_name=model_names["dit"], weight_dtype="bf16", attention="sdpa", fp8_matmul=True)
 
 
 def test_the_renorm_threshold_is_checked(pack):
