@@ -27,9 +27,7 @@ from comfy_server import (
     IMAGE_SIZE,
     MODEL_NAMES,
     PACK_FOLDER,
-    Server,  # noqa: F401 (test_native_comfyui.py takes it from here)
     api_prompt,
-    free_port,
     messages,
     prepare_base,
     require_comfyui,
@@ -38,9 +36,6 @@ from comfy_server import (
 from node_support import API_WORKFLOWS, BUILTINS, load_pack, template_files
 
 require_comfyui("to test the pack inside the real ComfyUI")
-
-# test_native_comfyui.py takes these from this module under their former names
-_prepare_base, _free_port, _api_prompt, _messages = prepare_base, free_port, api_prompt, messages
 
 
 @pytest.fixture(scope="module")

@@ -8,30 +8,33 @@ with the Sigmas node on the model reproduces the pack's v1.2 Sampler for an edit
 in length, and KSampler comes within the README's figure.
 
 Needs ``COMFYUI_PATH`` (a ComfyUI checkout) and optionally ``COMFYUI_PYTHON`` (its interpreter), as
-``test_comfyui_server.py`` does; ``STEP1X_TEST_PORT`` picks the server's port (default: a free one).
+``test_comfyui_server.py`` does; the server (``comfy_server.py``) takes the first free port of
+``STEP1X_COMFYUI_PORTS`` when set.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
-import urllib.error
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from node_support import ROOT, WORKFLOWS, lib
+from comfy_server import (
+    COMFYUI,
+    IMAGE_SIZE,
+    MODEL_NAMES,
+    messages,
+    prepare_base,
+    require_comfyui,
+    run_script,
+    saved_tensors,
+    serve,
+)
+from node_support import WORKFLOWS, lib
 
-COMFYUI = os.environ.get("COMFYUI_PATH")
-if not COMFYUI:
-    pytest.skip("COMFYUI_PATH is not set; point it at a ComfyUI checkout (and COMFYUI_PYTHON at its interpreter) "
-                "to test the native MODEL path inside the real ComfyUI", allow_module_level=True)
-PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+require_comfyui("to test the native MODEL path inside the real ComfyUI")
 
 EXACT = 1e-5
 """Max abs difference of raw latents between ComfyUI's samplers on the native MODEL and the pack's Sampler."""
@@ -79,42 +82,16 @@ def _lora_file(path: Path, params) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import test_comfyui_server as real
-
     base = tmp_path_factory.mktemp("comfyui_native_base")
-    real._prepare_base(base)
+    prepare_base(base)
     (base / "models" / "loras").mkdir()
-    dit = base / "models" / "diffusion_models" / real.MODEL_NAMES["dit"]
+    dit = base / "models" / "diffusion_models" / MODEL_NAMES["dit"]
     params = lib("checkpoints.loading").inspect_dit(dit).params
     _lora_file(base / "models" / "loras" / LORA, params)
     lib("tiny").build_tiny_model_folder(base / "models" / "diffusion_models" / V12,
                                         Path(COMFYUI) / "comfy" / "text_encoders" / "qwen25_tokenizer", version="v1.2")
-    port = int(os.environ.get("STEP1X_TEST_PORT") or real._free_port())
-    log = base / "comfyui.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
-             "--disable-auto-launch", "--preview-method", "latent2rgb"], cwd=COMFYUI, stdout=out,
-            stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
-    try:
-        srv = real.Server(f"http://127.0.0.1:{port}", base, log)
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, log.read_text(errors="replace")[-4000:]
-            try:
-                srv.get("/object_info/SaveImage")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert time.monotonic() < deadline, f"ComfyUI did not answer within 180 s; see {log}"
-                time.sleep(0.5)
+    with serve(base) as srv:
         yield srv
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def node(class_type: str, **inputs) -> dict:
@@ -123,13 +100,11 @@ def node(class_type: str, **inputs) -> dict:
 
 def base_prompt() -> dict:
     """Loaders, the image, and the native encode (positive, negative, latent at the working size)."""
-    import test_comfyui_server as real
-
-    loader = {"unet_name": real.MODEL_NAMES["dit"], "weight_dtype": "default", "attention": "sdpa"}
+    loader = {"unet_name": MODEL_NAMES["dit"], "weight_dtype": "default", "attention": "sdpa"}
     return {
         "1": node("Step1XEditDiTLoader", **loader),
-        "2": node("Step1XEditMLLMLoader", mllm_name=real.MODEL_NAMES["mllm"], dtype="fp32", device="default"),
-        "3": node("Step1XEditVAELoader", vae_name=real.MODEL_NAMES["vae"]),
+        "2": node("Step1XEditMLLMLoader", mllm_name=MODEL_NAMES["mllm"], dtype="fp32", device="default"),
+        "3": node("Step1XEditVAELoader", vae_name=MODEL_NAMES["vae"]),
         "4": node("LoadImage", image="example.png"),
         "11": node("Step1XEditModelLoader", **loader),
         "12": node("Step1XEditEncode", mllm=["2", 0], instruction="make it red", negative_prompt="",
@@ -388,53 +363,36 @@ def test_differential_diffusion_runs_a_soft_mask_edit(server):
 
 
 def test_an_area_crop_and_a_missing_reference_are_node_errors(server):
-    import test_comfyui_server as real
-
     prompt = base_prompt()
     prompt["12"]["inputs"]["size_level"] = 256  # ComfyUI crops to the mask's bounds only above 8x8 latent pixels
     prompt["30"] = node("ConditioningSetMask", conditioning=["12", 0], mask=["4", 1], strength=1.0,
                         set_cond_area="mask bounds")
     custom_sampler(prompt, positive=("30", 0))
     entry = server.run(prompt, timeout=300)
-    error = real._messages(entry, "execution_error")[0]
+    error = messages(entry, "execution_error")[0]
     assert "area conditioning" in error["exception_message"] and "set_cond_area 'default'" in error["exception_message"]
 
     prompt = base_prompt()
     del prompt["12"]["inputs"]["vae"]
     custom_sampler(prompt)
-    error = real._messages(server.run(prompt, timeout=300), "execution_error")[0]
+    error = messages(server.run(prompt, timeout=300), "execution_error")[0]
     assert "carries no reference latent" in error["exception_message"]
 
 
 def test_cancel_stops_ksampler_between_steps(server):
-    import test_comfyui_server as real
-
     prompt = base_prompt()
     ksampler(prompt, steps=2)
     run(server, prompt)  # loaders and encode cached: the long run below is all sampling
     prompt["21"]["inputs"]["steps"] = 200
-    status, answer = server.post_prompt(prompt)
-    assert status == 200
-    deadline = time.monotonic() + 120
-    while answer["prompt_id"] not in server.running() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(2.0)
-    server.post("/interrupt", {"prompt_id": answer["prompt_id"]})
-    entry = server.wait(answer["prompt_id"], timeout=120)
-    interrupted = real._messages(entry, "execution_interrupted")
+    entry = server.cancel(prompt, after_s=2.0)
+    interrupted = messages(entry, "execution_interrupted")
     assert interrupted and interrupted[0]["node_type"] == "KSampler", entry["status"]
 
 
 # ------------------------------------------------------------------------------- in one ComfyUI process
 
 SCRIPT = r"""
-import json, sys
-config = json.loads(sys.argv[1])
-sys.argv = ["main.py", "--cpu", "--preview-method", "latent2rgb"]
-sys.path[:0] = [config["comfyui"], config["tests"]]
-import importlib
-import comfy.options
-comfy.options.enable_args_parsing()
+sys.argv += ["--preview-method", "latent2rgb"]  # read when comfy.cli_args is first imported, just below
 import comfy.sample, comfy.samplers, comfy.utils, folder_paths, latent_preview
 import torch
 from safetensors.torch import save_file
@@ -537,20 +495,15 @@ save_file(out, config["out"], metadata={"connector": json.dumps([list(s) for s i
 
 @pytest.fixture(scope="module")
 def in_process(tmp_path_factory):
-    from safetensors import safe_open
-
     from node_support import tokenizer_for_tests, write_tiny_models
 
     root = tmp_path_factory.mktemp("comfy_native_inprocess")
     names = write_tiny_models(root / "models", tokenizer_for_tests(root / "tokenizer"))
-    config = {"comfyui": COMFYUI, "tests": str(ROOT / "tests"), "dit": names["dit"], "out": str(root / "out.sft"),
+    config = {"dit": names["dit"], "out": str(root / "out.sft"),
               "diffusion_models": str(root / "models" / "diffusion_models")}
-    result = subprocess.run([PYTHON, "-c", SCRIPT, json.dumps(config)], cwd=COMFYUI, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    with safe_open(config["out"], framework="pt") as f:
-        meta = f.metadata()
-    return load_file(config["out"]), json.loads(meta["connector"]), json.loads(meta["previews"])
+    run_script(SCRIPT, config, timeout=600)
+    tensors, meta = saved_tensors(config["out"])
+    return tensors, json.loads(meta["connector"]), json.loads(meta["previews"])
 
 
 def test_texts_of_unequal_length_reach_the_model_as_given(in_process):
@@ -615,15 +568,13 @@ def test_the_native_workflows_run_as_saved(server, name, output):
     since ComfyUI's own loader builds the full-size one."""
     from PIL import Image
 
-    import test_comfyui_server as real
-
     prompt = ui_to_api(json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8")), server.get("/object_info"))
     for item in prompt.values():
         if item["class_type"] == "VAELoader":
-            item.update(node("Step1XEditVAELoader", vae_name=real.MODEL_NAMES["vae"]))
+            item.update(node("Step1XEditVAELoader", vae_name=MODEL_NAMES["vae"]))
         for key, value in (("steps", STEPS), ("size_level", SIZE_LEVEL)):
             if key in item["inputs"]:
                 item["inputs"][key] = value
     image = run(server, prompt)["outputs"][output]["images"][0]
     with Image.open(server.base / "output" / image["subfolder"] / image["filename"]) as saved:
-        assert saved.size == real.IMAGE_SIZE
+        assert saved.size == IMAGE_SIZE
