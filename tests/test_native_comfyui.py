@@ -38,6 +38,12 @@ require_comfyui("to test the native MODEL path inside the real ComfyUI")
 
 EXACT = 1e-5
 """Max abs difference of raw latents between ComfyUI's samplers on the native MODEL and the pack's Sampler."""
+COMBINED = 2e-5
+"""Max abs difference after ConditioningCombine of the positive with itself. ComfyUI then evaluates the two positive
+entries and the negative as one batch of 3 rows instead of 2, and the CPU's float32 matrix products round a row
+differently with the number of rows beside it (MKL: ``x @ w.T`` of the same row differs by 2e-7..4e-7 between 2
+and 3 rows; the DiT's first difference is the connector's first Linear). Measured: 1.0e-5 on ComfyUI 0.3.64 and
+0.33.0 (4 steps, cfg 6); the two positive rows come out identical, so their average is exact."""
 STEPS, SEED, CFG, SIZE_LEVEL = 4, 3, 6.0, 64
 LORA = "tiny_layouts_lora.safetensors"
 LORA_STRENGTH = 0.8
@@ -161,6 +167,7 @@ def latent(server, entry: dict, node_id: str) -> torch.Tensor:
 def assert_exact(native: torch.Tensor, pack: torch.Tensor) -> float:
     assert native.shape == pack.shape
     gap = (native - pack).abs().max().item()
+    print(f"native vs the pack's Sampler: {gap:.3g}")
     assert gap <= EXACT, f"native path differs from the pack's Sampler by {gap:.3g}"
     return gap
 
@@ -342,7 +349,7 @@ def test_timestep_range_and_combine_keep_the_result_zero_out_and_set_mask_run(se
 
     prompt["30"] = node("ConditioningCombine", conditioning_1=["12", 0], conditioning_2=["12", 0])
     combined = latent(server, run(server, prompt), "18")
-    torch.testing.assert_close(combined, edit["native"], rtol=0, atol=EXACT)
+    torch.testing.assert_close(combined, edit["native"], rtol=0, atol=COMBINED)
 
     prompt["30"] = node("ConditioningZeroOut", conditioning=["12", 1])
     custom_sampler(prompt, negative=("30", 0), prefix="zero")
