@@ -81,7 +81,7 @@ def load_dit_from_widgets(unet_name, weight_dtype, attention, fp8_matmul=False, 
     dtype = bridge.compute_dtype(load_device)
     model = load_dit(path, device=offload_device, compute_dtype=dtype, weight_dtype=weight_dtype,
                      attention=attention, operations=bridge.operations())
-    apply_speed_options(model, fp8_matmul=fp8_matmul, compile=compile)
+    apply_speed_options(model, fp8_matmul=fp8_matmul, compile=compile, device=load_device)
     return model, dtype, load_device, offload_device
 
 

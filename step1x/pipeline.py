@@ -253,7 +253,7 @@ class Step1XPipeline:
         device = torch.device(device or default_device())
         home = torch.device("cpu") if offload else device
         model = load_dit(dit, device=home, compute_dtype=compute_dtype, weight_dtype=weight_dtype, attention=attention)
-        apply_speed_options(model, fp8_matmul=fp8_matmul, compile=compile)
+        apply_speed_options(model, fp8_matmul=fp8_matmul, compile=compile, device=device)
         patches = [(load_lora(path, model), strength) for path, strength in loras]
         ae = load_vae(vae, device=home, dtype=torch.float32)
         text = load_text_encoder(mllm, tokenizer_dir=tokenizer_dir, device=torch.device(mllm_device or home),

@@ -12,7 +12,7 @@ import torch
 from helpers import constructed_edit
 from step1x.checkpoints.loading import cast_model
 from step1x.models import attention as attn
-from step1x.models.compile import compile_blocks, is_compiled, uncompile_blocks
+from step1x.models.compile import CompileError, check_compiler, compile_blocks, is_compiled, uncompile_blocks
 from step1x.models.configs import TINY_DIT, with_version
 from step1x.models.fp8_matmul import enable_fp8_matmul
 from step1x.models.model import Step1XEdit
@@ -139,3 +139,39 @@ def test_speed_options_check_fp8_before_compiling():
     with pytest.raises(ValueError, match="fp8_matmul"):
         apply_speed_options(model, fp8_matmul=True, compile=True)
     assert not is_compiled(model)
+
+
+# ------------------------------------------------------------------------- the compiler is there before compiling
+
+
+def test_compile_is_refused_before_compiling_when_the_gpu_has_no_triton(monkeypatch):
+    import torch.utils._triton as triton_probe
+
+    monkeypatch.setattr(triton_probe, "has_triton", lambda: False)
+    model = Step1XEdit(TINY_DIT)
+    with pytest.raises(CompileError, match=r"no working Triton.*pip install triton.*turn compile off"):
+        apply_speed_options(model, compile=True, device="cuda")
+    assert not is_compiled(model)
+
+
+def test_compile_is_refused_before_compiling_when_no_cpp_compiler_is_found(monkeypatch):
+    import step1x.models.compile as compile_module
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(compile_module.shutil, "which", lambda name: None)
+    model = Step1XEdit(TINY_DIT)
+    with pytest.raises(CompileError, match=r"C\+\+ compiler.*turn compile off"):
+        apply_speed_options(model, compile=True, device="cpu")
+    assert not is_compiled(model)
+
+
+def test_the_compiler_check_passes_where_a_compiler_is_found_and_skips_other_backends(monkeypatch):
+    import step1x.models.compile as compile_module
+
+    monkeypatch.setenv("CXX", "my-c++")
+    monkeypatch.setattr(compile_module.shutil, "which", lambda name: "/bin/my-c++" if name == "my-c++" else None)
+    check_compiler("cpu")
+    monkeypatch.setattr(compile_module.shutil, "which", lambda name: None)
+    check_compiler("cpu", backend="eager")  # the eager backend builds no kernels
+    with pytest.raises(CompileError):
+        check_compiler("cpu")

@@ -12,7 +12,10 @@ GPU for the 57 blocks; later steps and runs of the same size reuse the code).
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 
+import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -28,13 +31,37 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return [*model.double_blocks, *model.single_blocks]
 
 
+def check_compiler(device: torch.device | str | None = None, backend: str = "inductor") -> None:
+    """Refuse, before anything is compiled, when the inductor backend cannot build kernels for ``device`` (None: the
+    GPU when one is present, else the CPU): GPU kernels need a working Triton, CPU kernels a C++ compiler. Without
+    this check the failure would come at the first step, deep inside torch."""
+    if backend != "inductor":
+        return
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind in ("cuda", "xpu"):
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise CompileError(
+                f"{SETTING} builds GPU kernels with Triton, and no working Triton is installed in this Python "
+                f"environment: install it (`pip install triton`; on Windows `pip install triton-windows`, the "
+                f"version that matches your torch) or turn {SETTING} off.")
+    elif kind == "cpu":
+        candidates = [os.environ.get("CXX"), "g++", "clang++", "c++", "cl"]
+        if not any(name and shutil.which(name) for name in candidates):
+            raise CompileError(
+                f"{SETTING} builds CPU kernels with a C++ compiler and none was found (g++, clang++ or cl on PATH, "
+                f"or CXX set): install one or turn {SETTING} off.")
+
+
 def compile_blocks(model: nn.Module, *, fullgraph: bool = False, dynamic: bool | None = None, mode: str | None = None,
-                   backend: str = "inductor") -> int:
+                   backend: str = "inductor", device: torch.device | str | None = None) -> int:
     """Compile every transformer block of ``model`` in place; returns how many. ``fullgraph`` makes any graph break
     an error (the tests use it); the default lets the compiler fall back on code it cannot trace (e.g. layer
     classes from another package). ``dynamic`` None: a second image size recompiles with dynamic token counts."""
     if not hasattr(nn.Module, "compile"):
         raise CompileError(f"{SETTING} needs torch >= 2.2 (nn.Module.compile); update torch or turn {SETTING} off.")
+    check_compiler(device, backend)
     found = blocks(model)
     for block in found:
         block.compile(fullgraph=fullgraph, dynamic=dynamic, mode=mode, backend=backend)

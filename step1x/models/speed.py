@@ -19,12 +19,13 @@ class SpeedOptions:
 
 
 def apply_speed_options(model: nn.Module, options: SpeedOptions | None = None, *, fp8_matmul: bool = False,
-                        compile: bool = False) -> nn.Module:
+                        compile: bool = False, device=None) -> nn.Module:
     """Apply ``options`` (or the two flags) to ``model`` in place and return it. fp8 matmul is checked first, so a
-    model it cannot run on fails before anything is compiled."""
+    model it cannot run on fails before anything is compiled. ``device``: where the model will run (None: the GPU
+    when one is present, else the CPU), for the compiler check of :func:`~step1x.models.compile.check_compiler`."""
     options = options or SpeedOptions(fp8_matmul=fp8_matmul, compile=compile)
     if options.fp8_matmul:
         enable_fp8_matmul(model)
     if options.compile:
-        compile_blocks(model)
+        compile_blocks(model, device=device)
     return model
