@@ -569,10 +569,12 @@ def ui_to_api(workflow: dict, info: dict) -> dict:
     return prompt
 
 
-@pytest.mark.parametrize("name, output", [("step1x_native_ksampler", "10"), ("step1x_native_custom_sampler", "13")])
+@pytest.mark.parametrize("name, output", [("step1x_native_ksampler", "10"), ("step1x_native_custom_sampler", "13"),
+                                          ("step1x_v12_native_ksampler", "10")])
 def test_the_native_workflows_run_as_saved(server, name, output):
     """Only the sizes change (steps, size_level) and Load VAE takes the tiny FLUX VAE through the pack's loader,
-    since ComfyUI's own loader builds the full-size one."""
+    since ComfyUI's own loader builds the full-size one. The v1.2 workflow runs on the tiny v1.2 model folder under
+    its real name, as saved."""
     from PIL import Image
 
     prompt = ui_to_api(json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8")), server.get("/object_info"))

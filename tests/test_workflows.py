@@ -70,7 +70,8 @@ def test_the_promised_workflows_exist():
     assert {p.stem for p in template_files()} >= {"step1x_edit_basic", "step1x_edit_lowvram_fp8",
                                                   "step1x_text_to_image", "step1x_edit_mask",
                                                   "step1x_edit_gguf", "step1x_native_ksampler",
-                                                  "step1x_native_custom_sampler"}
+                                                  "step1x_native_custom_sampler", "step1x_v12_edit",
+                                                  "step1x_v12_reason_edit", "step1x_v12_native_ksampler"}
     assert (API_WORKFLOWS / "step1x_edit_api.json").is_file()
 
 
