@@ -40,7 +40,7 @@ from ..step1x.checkpoints.lora import linear_shapes, module_names
 from ..step1x.sampling.calls import TextConditioning
 from ..step1x.sampling.rules import SamplerRules, rules_for
 from . import _comfy as bridge
-from .sampler import ACTIVATION_FACTOR
+from .dit_memory import ACTIVATION_FACTOR
 
 SIGMA_TABLE = 720720
 """Entries of the model's sigma table (ComfyUI's FLUX uses 10000). ComfyUI's ``simple`` scheduler picks every

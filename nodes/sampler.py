@@ -15,15 +15,12 @@ from ..step1x.graph_io import (
     repeat_rows,
     resize_images,
 )
-from ..step1x.models.quantized import dequant_workspace_bytes
 from ..step1x.sampling.denoise import TextConditioning, denoise, make_noise
 from . import _comfy as bridge
+from .dit_memory import load_for_sampling
 from .sockets import CATEGORY, CONDITIONING, DIT, LAYOUT_V12
 from .v12 import sample_v12
 from .vae import check_vae
-
-ACTIVATION_FACTOR = 16
-"""Activation bytes per token, hidden unit and byte of dtype in one DiT step (a rough upper bound)."""
 
 
 class Sampler:
@@ -156,14 +153,7 @@ def _rows(side: TextConditioning, refs: int, per_ref: int) -> TextConditioning:
 
 def run(dit, connector, noise, cond, uncond, *, reference, init, keep, steps, cfg, renorm_threshold, strength):
     """Load the DiT with ComfyUI's model management and denoise; returns the raw latent."""
-    params = dit.model.params
-    tokens = 640 + noise.shape[-2] * noise.shape[-1] // 4 * (1 if reference is None else 2)
-    memory = 2 * noise.shape[0] * tokens * params.hidden_size * dit.compute_dtype.itemsize * ACTIVATION_FACTOR
-    if dit.regione is not None:  # RegionE keeps keys and values of every attention layer (one row at a time)
-        memory += 2 * 2 * tokens * params.hidden_size * dit.compute_dtype.itemsize * (params.depth +
-                                                                                  params.depth_single_blocks)
-    memory += dequant_workspace_bytes(dit.model, dit.compute_dtype)  # GGUF layers dequantise on the device
-    bridge.load([dit.patcher], memory_required=memory)
+    load_for_sampling(dit, noise, reference, text_tokens=640, rows_per_call=2)
     device = dit.patcher.load_device
     progress = bridge.Progress(steps, device)
     with torch.no_grad():

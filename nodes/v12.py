@@ -15,16 +15,15 @@ import logging
 import torch
 
 from ..step1x.graph_io import check_image, check_latent, latent_from_model_space, latent_to_model_space
-from ..step1x.models.quantized import dequant_workspace_bytes
 from ..step1x.pipeline_v12 import V12Settings
 from ..step1x.sampling import v12
 from ..step1x.sampling.denoise import LATENT_CHANNELS, TextConditioning, check_seed, denoise
 from . import _comfy as bridge
+from .dit_memory import load_for_sampling
 from .vae import check_vae
 
 log = logging.getLogger("step1x_edit")
 
-ACTIVATION_FACTOR = 16
 V12_TEXT_TOKENS = 2048
 
 
@@ -61,14 +60,7 @@ def run_dit(dit, noise, cond, uncond, *, reference=None, init=None, keep=None, s
     """Load the DiT with ComfyUI's model management and sample under its version's rules (v1.2: one call per
     image row and CFG side), with the DiT's TeaCache or RegionE settings; progress, preview and Cancel per step.
     Returns the model-space latent, float32."""
-    params = dit.model.params
-    tokens = V12_TEXT_TOKENS + noise.shape[-2] * noise.shape[-1] // 4 * (1 if reference is None else 2)
-    memory = noise.shape[0] * tokens * params.hidden_size * dit.compute_dtype.itemsize * ACTIVATION_FACTOR
-    if dit.regione is not None:  # RegionE keeps keys and values of every attention layer (one row at a time)
-        memory += 2 * 2 * tokens * params.hidden_size * dit.compute_dtype.itemsize * (params.depth +
-                                                                                  params.depth_single_blocks)
-    memory += dequant_workspace_bytes(dit.model, dit.compute_dtype)  # GGUF layers dequantise on the device
-    bridge.load([dit.patcher], memory_required=memory)
+    load_for_sampling(dit, noise, reference, text_tokens=V12_TEXT_TOKENS, rows_per_call=1)
     device = dit.patcher.load_device
     progress = bridge.Progress(steps, device)
 
